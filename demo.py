@@ -1,0 +1,62 @@
+"""Transcribe line images: python demo.py config.yaml resume=run/best.pt IMG [IMG ...]
+
+Prints `<file>\t<transcription>\t<confidence>` per image (and the ground truth when a gt.txt beside the image
+has it). Any size, colour or grey, png/jpg/tif.
+"""
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from dataset import load_for_inference
+from utils import UserError, greedy_decode, line_confidence, load_config, load_model, resolve_device, run_main, \
+    split_cli
+
+
+def ground_truth(image: Path):
+    """The transcription of `image` in a gt.txt beside it, if there is one."""
+    gt = image.parent / "gt.txt"
+    if not gt.is_file():
+        return None
+    for line in gt.read_text(encoding="utf-8", errors="replace").splitlines():
+        line_id, _, text = line.partition(" ")
+        if line_id == image.stem:
+            return text.strip()
+    return None
+
+
+@torch.inference_mode()
+def transcribe(model, charset, paths, cfg, device) -> list:
+    results = []
+    for path in paths:
+        try:
+            x = load_for_inference(path, cfg.preproc.image_height, cfg.preproc.image_width)
+        except ValueError as e:
+            raise UserError(f"{path}: {e} (expected an image file OpenCV can read: png, jpg, tif, ...)") from None
+        logits = model(x.unsqueeze(0).to(device)).logits                  # (T, 1, K)
+        results.append((greedy_decode(logits, charset)[0], line_confidence(logits)[0]))
+    return results
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING)
+    cfg_path, overrides, images = split_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(cfg_path, overrides)
+    if not cfg.resume:
+        raise UserError("no checkpoint given: add resume=PATH/TO/best.pt")
+    if not images:
+        raise UserError("no image given: python demo.py config.yaml resume=CKPT IMG [IMG ...]")
+    device = resolve_device(cfg.device)
+    model, charset, _ = load_model(cfg, cfg.resume)
+    model = model.to(device)
+    paths = [Path(p) for p in images]
+    for path, (text, conf) in zip(paths, transcribe(model, charset, paths, cfg, device)):
+        print(f"{path}\t{text}\t{conf:.3f}")
+        gt = ground_truth(path)
+        if gt is not None:
+            print(f"{'':>{len(str(path))}}\t{gt}\t(ground truth)")
+
+
+if __name__ == "__main__":
+    run_main(main)

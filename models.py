@@ -1,0 +1,171 @@
+"""The recognizer: HybridBackbone (CNN + MobileViT) -> CTCtopB head (BiLSTM + CNN shortcut).
+
+Shapes follow the default config: a (B, 1, 128, 1024) line image becomes (B, 256, 1, 128) features, i.e. 128
+frames, and the head returns CTC logits (T=128, B, K) with class 0 the CTC blank.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with BatchNorm and a (projected) identity shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Identity() if in_ch == out_ch else nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+def conv_bn_act(in_ch: int, out_ch: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, k, padding=k // 2, bias=False), nn.BatchNorm2d(out_ch), nn.SiLU())
+
+
+class MobileViTBlock(nn.Module):
+    """MobileViT block (Mehta & Rastegari, ICLR 2022).
+
+    Local 3x3 conv + 1x1 projection to width d, unfold into p x p patches, a transformer that attends across the
+    patches for each in-patch position (global receptive field), fold back, 1x1 projection to the input width,
+    concatenate with the input and fuse with a 3x3 conv. H and W need not be multiples of p: the map is padded and
+    the result cropped.
+    """
+
+    def __init__(self, channels: int, patch: int, dim: int, heads: int, depth: int, mlp_dim: int):
+        super().__init__()
+        self.patch = patch
+        self.local = nn.Sequential(conv_bn_act(channels, channels, 3), nn.Conv2d(channels, dim, 1, bias=False))
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp_dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.project = conv_bn_act(dim, channels, 1)
+        self.fuse = conv_bn_act(2 * channels, channels, 3)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        p = self.patch
+        y = self.local(x)                                                  # (B, d, H, W)
+        y = F.pad(y, (0, -W % p, 0, -H % p))                               # (B, d, Hp, Wp)
+        d, Hp, Wp = y.shape[1], y.shape[2], y.shape[3]
+        nh, nw = Hp // p, Wp // p
+        y = y.reshape(B, d, nh, p, nw, p).permute(0, 3, 5, 2, 4, 1)        # (B, p, p, nh, nw, d)
+        y = self.transformer(y.reshape(B * p * p, nh * nw, d))             # (B*p*p, N patches, d)
+        y = y.reshape(B, p, p, nh, nw, d).permute(0, 5, 3, 1, 4, 2)        # (B, d, nh, p, nw, p)
+        y = y.reshape(B, d, Hp, Wp)[:, :, :H, :W]                          # (B, d, H, W)
+        return self.fuse(torch.cat([x, self.project(y)], dim=1))           # (B, C, H, W)
+
+
+class HybridBackbone(nn.Module):
+    """7x7 stem with stride [4, 2], then cnn_cfg tokens, then flattening over height.
+
+    cnn_cfg tokens: [n, c] = n BasicBlocks of c channels; 'M' = 2x2 max-pool; 'mobilevit1' / 'mobilevit2' = a
+    MobileViT block with patch 4 / 8 (settings in arch.mobilevit).
+    """
+
+    PATCH = {"mobilevit1": 4, "mobilevit2": 8}
+
+    def __init__(self, cnn_cfg, mobilevit: dict, flattening: str = "maxpool", stem_channels: int = 32):
+        super().__init__()
+        if flattening not in ("maxpool", "avgpool"):
+            raise ValueError(f"arch.flattening must be 'maxpool' or 'avgpool', got {flattening!r}")
+        self.flattening = flattening
+        layers = [nn.Conv2d(1, stem_channels, 7, stride=(4, 2), padding=3), nn.ReLU()]
+        ch = stem_channels
+        for token in cnn_cfg:
+            if token == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            elif isinstance(token, str) and token in self.PATCH:
+                layers.append(MobileViTBlock(ch, self.PATCH[token], **mobilevit))
+            elif not isinstance(token, str) and len(token) == 2:
+                n, out_ch = token
+                for _ in range(n):
+                    layers.append(BasicBlock(ch, out_ch))
+                    ch = out_ch
+            else:
+                raise ValueError(f"arch.cnn_cfg: unknown token {token!r}; use [n, channels], 'M', "
+                                 f"'mobilevit1' or 'mobilevit2'")
+        self.features = nn.Sequential(*layers)
+        self.out_channels = ch
+
+    def forward(self, x):
+        y = self.features(x)                                               # (B, C, H/16, W/8) by default
+        pool = F.adaptive_max_pool2d if self.flattening == "maxpool" else F.adaptive_avg_pool2d
+        return pool(y, (1, y.shape[-1]))                                   # (B, C, 1, T)
+
+
+class CTCOutput(NamedTuple):
+    logits: torch.Tensor                  # (T, B, K) main CTC logits
+    shortcut: Optional[torch.Tensor]      # (T, B, K) CNN-shortcut CTC logits ('both' only)
+    rnn1: Optional[torch.Tensor]          # (B, T, 2*hidden) first recurrent layer's output, for the LLM path
+
+
+class CTCtopB(nn.Module):
+    """CTC head. 'both': recurrent stack + 1x3 conv shortcut; 'rnn': recurrent only; 'cnn': 1x3 conv only.
+
+    The first recurrent layer is its own module so its output can be tapped for the LLM connector.
+    """
+
+    def __init__(self, in_ch: int, n_classes: int, head_type: str = "both", rnn_type: str = "lstm",
+                 rnn_layers: int = 3, rnn_hidden_size: int = 256, dropout: float = 0.2):
+        super().__init__()
+        if head_type not in ("both", "rnn", "cnn"):
+            raise ValueError(f"arch.head_type must be 'both', 'rnn' or 'cnn', got {head_type!r}")
+        self.head_type = head_type
+        if head_type != "rnn":
+            self.shortcut = nn.Conv2d(in_ch, n_classes, (1, 3), padding=(0, 1))
+        if head_type == "cnn":
+            return
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}.get(rnn_type)
+        if rnn is None:
+            raise ValueError(f"arch.rnn_type must be 'lstm' or 'gru', got {rnn_type!r}")
+        h = rnn_hidden_size
+        self.rnn1 = rnn(in_ch, h, bidirectional=True)
+        self.rnn_rest = rnn(2 * h, h, num_layers=rnn_layers - 1, bidirectional=True,
+                            dropout=dropout if rnn_layers > 2 else 0.0) if rnn_layers > 1 else None
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Sequential(nn.LayerNorm(2 * h), nn.Linear(2 * h, 2 * h), nn.GELU(), nn.Linear(2 * h, n_classes))
+
+    def forward(self, x) -> CTCOutput:
+        short = self.shortcut(x).squeeze(2).permute(2, 0, 1) if self.head_type != "rnn" else None   # (T, B, K)
+        if self.head_type == "cnn":
+            return CTCOutput(short, None, None)
+        seq = x.squeeze(2).permute(2, 0, 1)                                # (T, B, C)
+        y1, _ = self.rnn1(seq)                                             # (T, B, 2h)
+        y = y1
+        if self.rnn_rest is not None:
+            y, _ = self.rnn_rest(self.dropout(y1))                         # (T, B, 2h)
+        logits = self.fc(y)                                                # (T, B, K)
+        return CTCOutput(logits, short, y1.transpose(0, 1))
+
+
+class HTRNet(nn.Module):
+    """HybridBackbone + CTCtopB: (B, 1, H, W) line images -> CTCOutput."""
+
+    def __init__(self, arch, n_classes: int):
+        super().__init__()
+        self.backbone = HybridBackbone(arch.cnn_cfg, dict(arch.mobilevit), arch.flattening, arch.stem_channels)
+        self.head = CTCtopB(self.backbone.out_channels, n_classes, arch.head_type, arch.rnn_type,
+                            arch.rnn_layers, arch.rnn_hidden_size, arch.rnn_dropout)
+
+    def forward(self, x) -> CTCOutput:
+        return self.head(self.backbone(x))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_report(model: HTRNet) -> dict:
+    """Parameter counts per module, for the start-of-training log and the benchmark."""
+    return {"backbone": count_parameters(model.backbone), "head": count_parameters(model.head),
+            "total": count_parameters(model)}

@@ -1,0 +1,53 @@
+"""Shared test helpers: tiny line datasets rendered with OpenCV, and a tiny model config."""
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The default architecture scaled down to test size (same token kinds: blocks, pools, both MobileViT blocks).
+TINY = ["preproc.image_height=32", "preproc.image_width=256", "arch.stem_channels=8",
+        "arch.cnn_cfg=[[1,8],'M','mobilevit1',[1,16],'M','mobilevit2',[1,32]]",
+        "arch.mobilevit.dim=16", "arch.mobilevit.heads=2", "arch.mobilevit.mlp_dim=32",
+        "arch.rnn_layers=2", "arch.rnn_hidden_size=32", "train.num_workers=0", "eval.num_workers=0",
+        "train.use_llm=false", "train.augment=false", "train.batch_size=4", "train.val_every_k_epochs=1",
+        "train.scheduler=none", "train.lr=3e-3", "device=cpu", "seed=0"]
+
+WORDS = ["ab", "ba", "cab", "bad", "add", "dab", "cd", "dc", "abc", "bcd"]
+
+
+def render_line(text: str, height: int = 40) -> np.ndarray:
+    """Dark text on a light background, like a scanned line."""
+    width = 20 + 22 * len(text)
+    img = np.full((height, width), 235, np.uint8)
+    cv2.putText(img, text, (10, height - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.9, 20, 2, cv2.LINE_AA)
+    return img
+
+
+def write_split(root: Path, split: str, texts) -> Path:
+    d = root / split
+    d.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, text in enumerate(texts):
+        cv2.imwrite(str(d / f"{split}-{i:03d}.png"), render_line(text))
+        lines.append(f"{split}-{i:03d} {text}")
+    (d / "gt.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    root = tmp_path / "lines"
+    write_split(root, "train", WORDS[:8])
+    write_split(root, "val", WORDS[8:])
+    write_split(root, "test", WORDS[:2] + WORDS[8:])
+    return root
+
+
+@pytest.fixture
+def tiny_overrides(tiny_data, tmp_path) -> list:
+    return TINY + [f"data.path={tiny_data}", f"model.save_dir={tmp_path / 'runs'}", "model.run_name=tiny"]

@@ -1,0 +1,246 @@
+"""What the scripts share: config loading, the character set, CTC greedy decoding, metrics, checkpoint I/O."""
+import difflib
+import os
+import sys
+import unicodedata
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+BLANK = 0
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad config, missing file, ...): printed as one line, no traceback."""
+
+
+def run_main(main):
+    """Call main(); turn a UserError into one readable line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+
+def _key_paths(node, prefix: str = "") -> list:
+    paths = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        if isinstance(value, DictConfig):
+            paths += _key_paths(value, path + ".")
+    return paths
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """Load a YAML file; a `base: other.yaml` key merges this file on top of that one (relative path)."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    cfg = OmegaConf.load(path)
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg
+    return _merge(_load_yaml(path.parent / base), cfg, str(path))
+
+
+def _merge(base: DictConfig, update, source: str) -> DictConfig:
+    OmegaConf.set_struct(base, True)
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        close = difflib.get_close_matches(key, _key_paths(base), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see config.yaml for the valid keys"
+        raise UserError(f"unknown config key '{key}' in {source}{hint}") from None
+    except OmegaConfBaseException as e:
+        raise UserError(f"bad config value in {source}: {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def load_config(path, overrides=()) -> DictConfig:
+    """config.yaml + dotted `key.sub=value` overrides, in struct mode: an unknown key fails with close matches."""
+    cfg = _load_yaml(Path(path))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"expected key=value, got {item!r} (e.g. train.lr=1e-3)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    return cfg
+
+
+def split_cli(argv) -> tuple:
+    """`script.py config.yaml [key=value ...] [positional ...]` -> (config path, overrides, positionals)."""
+    if not argv or "=" in argv[0]:
+        raise UserError("usage: python SCRIPT.py config.yaml [key=value ...]")
+    overrides = [a for a in argv[1:] if "=" in a]
+    positionals = [a for a in argv[1:] if "=" not in a]
+    return argv[0], overrides, positionals
+
+
+def to_plain(node):
+    """OmegaConf node -> plain dict/list (for checkpoints and JSON)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here (torch {torch.__version__}); "
+                        f"use device=cpu or device=auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a valid device; use auto, cpu, cuda or cuda:N") from None
+
+
+# --------------------------------------------------------------------------------------------------------- charset
+
+def normalize_text(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+class Charset:
+    """Characters of the recognizer; class 0 is the CTC blank, class i is chars[i-1]."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.index = {c: i + 1 for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_texts(cls, texts) -> "Charset":
+        return cls("".join(sorted(set("".join(texts)))))
+
+    def __len__(self) -> int:
+        return len(self.chars) + 1     # + blank
+
+    def unknown(self, text: str) -> set:
+        return {c for c in text if c not in self.index}
+
+    def encode(self, text: str) -> list:
+        """Unknown characters are dropped (the caller reports them)."""
+        return [self.index[c] for c in text if c in self.index]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i - 1] for i in ids if i != BLANK)
+
+
+def greedy_decode(logits: torch.Tensor, charset: Charset) -> list:
+    """Best path: argmax per frame, collapse repeats, drop blanks. logits (T, B, K) -> B strings."""
+    best = logits.argmax(-1).t().cpu()                                     # (B, T)
+    texts = []
+    for row in best.tolist():
+        collapsed = [c for t, c in enumerate(row) if c != BLANK and (t == 0 or c != row[t - 1])]
+        texts.append(charset.decode(collapsed))
+    return texts
+
+
+def line_confidence(logits: torch.Tensor) -> list:
+    """Per line: mean of the best-path posterior over frames that emit a character (1.0 for an empty line)."""
+    probs, best = logits.float().softmax(-1).max(-1)                      # (T, B)
+    emitting = best != BLANK
+    emitting[1:] &= best[1:] != best[:-1]
+    conf = (probs * emitting).sum(0) / emitting.sum(0).clamp(min=1)
+    return [c if n else 1.0 for c, n in zip(conf.tolist(), emitting.sum(0).tolist())]
+
+
+# --------------------------------------------------------------------------------------------------------- metrics
+
+_TOKENIZER = None
+
+
+def tokenize_words(text: str, mode: str) -> list:
+    """'tokenizer': nltk's Treebank tokenizer (needs no downloaded data); 'space': split on whitespace."""
+    global _TOKENIZER
+    if mode == "space":
+        return text.split()
+    if mode != "tokenizer":
+        raise UserError(f"eval.wer_mode must be 'tokenizer' or 'space', got {mode!r}")
+    if _TOKENIZER is None:
+        from nltk.tokenize import TreebankWordTokenizer
+        _TOKENIZER = TreebankWordTokenizer()
+    return _TOKENIZER.tokenize(text)
+
+
+def error_rates(refs, hyps, wer_mode: str = "tokenizer") -> dict:
+    """Corpus CER and WER: total edit distance / total reference length."""
+    from rapidfuzz.distance import Levenshtein
+    char_err = sum(Levenshtein.distance(r, h) for r, h in zip(refs, hyps))
+    char_len = sum(len(r) for r in refs)
+    ref_words = [tokenize_words(r, wer_mode) for r in refs]
+    word_err = sum(Levenshtein.distance(r, tokenize_words(h, wer_mode)) for r, h in zip(ref_words, hyps))
+    word_len = sum(len(r) for r in ref_words)
+    return {"cer": char_err / max(char_len, 1), "wer": word_err / max(word_len, 1),
+            "char_errors": char_err, "chars": char_len, "word_errors": word_err, "words": word_len}
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(state: dict, path) -> None:
+    """Atomic: write a temp file in the same directory, fsync, rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path} (set resume=PATH to an existing .pt file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def check_compatible(ckpt: dict, cfg: DictConfig, path, charset: Charset = None) -> None:
+    """Fail with what differs when a checkpoint does not match the config's architecture (or the data's charset)."""
+    diffs = [f"{section}.{k}: checkpoint {ckpt[section].get(k)!r} vs config {v!r}"
+             for section in ("arch", "preproc") for k, v in to_plain(cfg[section]).items()
+             if ckpt[section].get(k) != v]
+    if diffs:
+        raise UserError(f"checkpoint {path} was trained with another architecture: " + "; ".join(diffs)
+                        + ". Use the config it was trained with (saved as config.yaml in its run directory).")
+    if charset is not None and charset.chars != ckpt["charset"]:
+        added = sorted(set(charset.chars) - set(ckpt["charset"]))
+        missing = sorted(set(ckpt["charset"]) - set(charset.chars))
+        raise UserError(f"checkpoint {path} has another character set than this data: characters new in the data "
+                        f"{''.join(added)!r}, not in the data {''.join(missing)!r}. Train a new model, or point "
+                        f"data.path at the data this checkpoint was trained on.")
+
+
+def load_model(cfg: DictConfig, path):
+    """Build the recognizer from a checkpoint (eval mode): (model, charset, checkpoint dict)."""
+    from models import HTRNet
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, cfg, path)
+    charset = Charset(ckpt["charset"])
+    model = HTRNet(cfg.arch, len(charset))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), charset, ckpt
+
+
+# ------------------------------------------------------------------------------------------------------ inference
+
+@torch.inference_mode()
+def predict(model, loader, charset: Charset, device, channels_last: bool = False, autocast_dtype=None) -> dict:
+    """Greedy transcriptions and confidences for a loader of (images, targets, lengths, texts, ids) batches."""
+    out = {"ids": [], "refs": [], "hyps": [], "confidences": []}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for images, _, _, texts, ids in loader:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images).logits                                  # (T, B, K)
+        out["ids"] += ids
+        out["refs"] += texts
+        out["hyps"] += greedy_decode(logits, charset)
+        out["confidences"] += line_confidence(logits)
+    return out
