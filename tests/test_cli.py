@@ -1,0 +1,88 @@
+"""The three commands end to end, as a user runs them (subprocess), on a dataset the test writes."""
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+
+def run(script, *args, ok=True):
+    proc = subprocess.run([sys.executable, str(ROOT / script), str(ROOT / "config.yaml"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run shared by the CLI tests: (overrides, checkpoint, data root)."""
+    import conftest
+    tmp = tmp_path_factory.mktemp("cli")
+    root = tmp / "lines"
+    conftest.write_split(root, "train", conftest.WORDS[:8])
+    conftest.write_split(root, "val", conftest.WORDS[8:])
+    conftest.write_split(root, "test", ["ab", "abz"])                   # 'z' is not in the charset
+    overrides = conftest.TINY + [f"data.path={root}", f"model.save_dir={tmp / 'runs'}", "model.run_name=cli"]
+    run("trainer.py", *overrides, "train.num_epochs=2")
+    return overrides, tmp / "runs" / "cli" / "best.pt", root
+
+
+def test_train_writes_run_directory(trained):
+    _, best, _ = trained
+    run_dir = best.parent
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["parameters"]["total"] > 0 and info["git_commit"]
+    assert (run_dir / "last.pt").is_file() and (run_dir / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_evaluate_reports_and_handles_unknown_chars(trained):
+    overrides, best, _ = trained
+    proc = run("evaluate.py", *overrides, f"resume={best}")
+    assert "test: CER" in proc.stdout
+    assert "not in the model's charset" in proc.stderr and "'z'" in proc.stderr
+    report = json.loads((best.parent / "eval_test.json").read_text())
+    assert report["lines"] == 2 and report["unknown_chars"] == "z" and 0 <= report["cer"]
+    rows = (best.parent / "eval_test.csv").read_text().splitlines()
+    assert rows[0].startswith("id,errors,cer,confidence") and len(rows) == 3
+
+
+def test_demo_prints_text_confidence_and_ground_truth(trained, tmp_path):
+    overrides, best, root = trained
+    colour = tmp_path / "colour.jpg"
+    cv2.imwrite(str(colour), np.dstack([cv2.imread(str(root / "test" / "test-000.png"))[..., 0]] * 3))
+    proc = run("demo.py", *overrides, f"resume={best}", str(root / "test" / "test-000.png"), str(colour))
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(str(root / "test" / "test-000.png") + "\t")
+    assert 0.0 <= float(lines[0].split("\t")[2]) <= 1.0
+    assert lines[1].endswith("\tab\t(ground truth)")
+    assert lines[2].startswith(str(colour))
+
+
+def test_demo_unreadable_file_is_one_clear_line(trained, tmp_path):
+    overrides, best, _ = trained
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    proc = run("demo.py", *overrides, f"resume={best}", str(bad), ok=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: unreadable")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["resume=/nonexistent/best.pt"], "checkpoint not found: /nonexistent/best.pt"),
+])
+def test_cli_errors_are_one_line(args, message):
+    proc = run("evaluate.py", *args, ok=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_rejects_checkpoint_of_other_architecture(trained):
+    overrides, best, _ = trained
+    proc = run("evaluate.py", *overrides, f"resume={best}", "arch.rnn_layers=3", ok=False)
+    assert "arch.rnn_layers: checkpoint 2 vs config 3" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,104 @@
+"""Line dataset: validation and skip summary, preprocessing, cache."""
+import logging
+import unicodedata
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import dataset
+from conftest import render_line, write_split
+from dataset import Collate, LineDataset, pad_center, preprocess
+from utils import Charset, UserError
+
+
+def test_bad_lines_are_skipped_counted_and_listed(tmp_path, caplog):
+    d = write_split(tmp_path, "train", ["ab", "cd", "abc", "dab", "bad"])
+    (d / "train-002.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")                     # corrupt PNG
+    (d / "train-003.png").unlink()                                                       # missing image
+    with open(d / "gt.txt", "a", encoding="utf-8") as f:
+        f.write("no-space-line\n")
+        f.write("train-005 \n")                                                          # empty transcription
+    with caplog.at_level(logging.WARNING, logger="htr"):
+        ds = LineDataset(tmp_path, "train", 32, 256, cache=False)
+    assert ds.ids == ["train-000", "train-001", "train-004"]
+    assert len(ds.skipped) == 4
+    msg = caplog.text
+    assert "skipped 4 line(s)" in msg
+    assert "gt.txt:6: no space" in msg and "gt.txt:7: empty transcription" in msg
+    assert "corrupt" in msg and "train-002.png" in msg and "not found" in msg
+
+
+def test_nothing_valid_is_a_clear_error(tmp_path):
+    d = write_split(tmp_path, "train", ["ab"])
+    (d / "train-000.png").write_bytes(b"")
+    with pytest.raises(UserError, match="no valid lines"):
+        LineDataset(tmp_path, "train", 32, 256, cache=False)
+
+
+def test_missing_split_and_gt_are_clear(tmp_path):
+    with pytest.raises(UserError, match="split directory not found"):
+        LineDataset(tmp_path, "val", 32, 256)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(UserError, match="no ground truth file"):
+        LineDataset(tmp_path, "val", 32, 256)
+
+
+def test_text_is_nfc_normalized(tmp_path):
+    d = write_split(tmp_path, "train", ["ab"])
+    (d / "gt.txt").write_text("train-000 cafe\u0301 x\n", encoding="utf-8")
+    ds = LineDataset(tmp_path, "train", 32, 256, cache=False)
+    assert ds.texts == [unicodedata.normalize("NFC", "caf\u00e9 x")]
+
+
+def test_preprocess_inverts_keeps_aspect_and_pads_centred():
+    img = np.full((50, 400), 255, np.uint8)
+    img[20:30, 100:300] = 0                                                             # dark ink stroke
+    small = preprocess(img, 128, 1024)
+    assert small.shape == (112, 896)                                                    # height-bound: 112/50*400
+    assert small.max() == 255 and small[0, 0] == 0                                      # ink bright, paper dark
+    full = pad_center(small, 128, 1024)
+    assert full.shape == (128, 1024) and full[:8].max() == 0 and full[:, :64].max() == 0
+
+
+def test_items_and_collate(tmp_path):
+    write_split(tmp_path, "train", ["ab", "bad"])
+    ds = LineDataset(tmp_path, "train", 32, 256, cache=False, augment=True)
+    ds.reseed(0)
+    img, text, line_id = ds[1]
+    assert img.shape == (1, 32, 256) and img.dtype == torch.float32 and 0 <= img.min() <= img.max() <= 1
+    images, targets, lengths, texts, ids = Collate(Charset("abd"))([ds[0], ds[1]])
+    assert images.shape == (2, 1, 32, 256)
+    assert targets.tolist() == [1, 2, 2, 1, 3] and lengths.tolist() == [2, 3]
+
+
+def test_augmentation_is_reproducible(tmp_path):
+    write_split(tmp_path, "train", ["abcd"])
+    ds = LineDataset(tmp_path, "train", 32, 256, cache=False, augment=True)
+    ds.reseed(5)
+    a = [ds[0][0] for _ in range(3)]
+    ds.reseed(5)
+    b = [ds[0][0] for _ in range(3)]
+    assert all(x.equal(y) for x, y in zip(a, b))
+
+
+def test_cache_is_reused_and_invalidated_by_changes(tmp_path, monkeypatch):
+    d = write_split(tmp_path, "train", ["ab", "cd"])
+    (d / "gt.txt").write_text("train-000 ab\ntrain-001 cd\nbroken-line\n")
+    first = LineDataset(tmp_path, "train", 32, 256)
+    assert len(list(d.glob(".cache-*.npz"))) == 1
+
+    def no_decoding(path):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(dataset, "read_image", no_decoding)
+    second = LineDataset(tmp_path, "train", 32, 256)
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, second.images))
+    assert second.texts == first.texts and len(second.skipped) == 1
+    monkeypatch.undo()
+    cv2.imwrite(str(d / "train-001.png"), render_line("dd"))                           # changed file: re-decode
+    import os
+    os.utime(d / "train-001.png", ns=(1, 1))
+    third = LineDataset(tmp_path, "train", 32, 256)
+    assert not np.array_equal(third.images[1], first.images[1])

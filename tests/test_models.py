@@ -1,0 +1,76 @@
+"""Model shapes and structure."""
+import pytest
+import torch
+
+from conftest import ROOT
+from models import HTRNet, HybridBackbone, MobileViTBlock, parameter_report
+from utils import load_config
+
+
+def test_default_architecture_gives_128_frames_of_256_channels():
+    cfg = load_config(ROOT / "config.yaml")
+    backbone = HybridBackbone(cfg.arch.cnn_cfg, dict(cfg.arch.mobilevit), cfg.arch.flattening).eval()
+    with torch.inference_mode():
+        feats = backbone(torch.rand(1, 1, 128, 1024))
+    assert feats.shape == (1, 256, 1, 128)
+
+
+def test_full_model_outputs_and_tap():
+    cfg = load_config(ROOT / "config.yaml", ["arch.rnn_hidden_size=32"])
+    model = HTRNet(cfg.arch, n_classes=80).eval()
+    with torch.inference_mode():
+        out = model(torch.rand(2, 1, 128, 1024))
+    assert out.logits.shape == (128, 2, 80)
+    assert out.shortcut.shape == (128, 2, 80)
+    assert out.rnn1.shape == (2, 128, 64)                   # (B, T, 2*hidden): first BiLSTM layer
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (8, 128), (9, 9), (16, 250)])
+@pytest.mark.parametrize("patch", [4, 8])
+def test_mobilevit_block_handles_non_divisible_sizes(hw, patch):
+    block = MobileViTBlock(12, patch, dim=16, heads=2, depth=1, mlp_dim=32)
+    x = torch.rand(2, 12, *hw)
+    assert block(x).shape == x.shape
+
+
+def test_mobilevit_attention_is_global_across_patches():
+    """Changing one far-away patch changes the output at the other end of the line (not a local-window block)."""
+    torch.manual_seed(0)
+    block = MobileViTBlock(4, 4, dim=8, heads=2, depth=1, mlp_dim=16).eval()
+    x = torch.rand(1, 4, 8, 64)
+    y = x.clone()
+    y[..., -4:] += 1.0
+    with torch.no_grad():
+        diff = (block(x) - block(y))[..., :8].abs().max()
+    assert diff > 1e-4
+
+
+@pytest.mark.parametrize("size", [(100, 700), (64, 768), (128, 1000)])
+def test_non_divisible_input_sizes(tiny_overrides, size):
+    cfg = load_config(ROOT / "config.yaml", tiny_overrides)
+    model = HTRNet(cfg.arch, n_classes=10).eval()
+    with torch.inference_mode():
+        out = model(torch.rand(1, 1, *size))
+    assert out.logits.shape[0] == size[1] // 8
+
+
+@pytest.mark.parametrize("head_type,has_shortcut,has_tap", [("both", True, True), ("rnn", False, True),
+                                                            ("cnn", False, False)])
+def test_head_types(tiny_overrides, head_type, has_shortcut, has_tap):
+    cfg = load_config(ROOT / "config.yaml", tiny_overrides + [f"arch.head_type={head_type}"])
+    out = HTRNet(cfg.arch, n_classes=10)(torch.rand(2, 1, 32, 256))
+    assert out.logits.shape == (32, 2, 10)
+    assert (out.shortcut is not None) == has_shortcut
+    assert (out.rnn1 is not None) == has_tap
+
+
+def test_bad_cnn_token_is_clear(tiny_overrides):
+    cfg = load_config(ROOT / "config.yaml", tiny_overrides + ["arch.cnn_cfg=[[1,8],'mobilevit3']"])
+    with pytest.raises(ValueError, match="unknown token 'mobilevit3'"):
+        HTRNet(cfg.arch, n_classes=10)
+
+
+def test_parameter_report_adds_up(tiny_overrides):
+    model = HTRNet(load_config(ROOT / "config.yaml", tiny_overrides).arch, n_classes=10)
+    report = parameter_report(model)
+    assert report["backbone"] + report["head"] == report["total"] == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,101 @@
+"""Config, charset, decoding, metrics and checkpoint helpers."""
+import pytest
+import torch
+
+from conftest import ROOT
+from utils import (Charset, UserError, error_rates, greedy_decode, line_confidence, load_config, resolve_device,
+                   save_checkpoint, split_cli)
+
+CONFIG = ROOT / "config.yaml"
+
+
+def test_overrides_apply_and_typos_name_close_keys():
+    cfg = load_config(CONFIG, ["train.lr=0.01", "train.use_llm=false"])
+    assert cfg.train.lr == 0.01 and cfg.train.use_llm is False
+    with pytest.raises(UserError, match=r"unknown config key 'train.lrr'.*did you mean train.lr"):
+        load_config(CONFIG, ["train.lrr=0.1"])
+    with pytest.raises(UserError, match="expected key=value"):
+        load_config(CONFIG, ["train.lr"])
+
+
+def test_typo_inside_a_derived_yaml_is_reported_with_the_file(tmp_path):
+    quick = tmp_path / "quick.yaml"
+    quick.write_text(f"base: {CONFIG}\ntrain:\n  num_epoch: 3\n")
+    with pytest.raises(UserError, match=r"'train.num_epoch' in .*quick.yaml; did you mean train.num_epochs"):
+        load_config(quick)
+
+
+def test_quick_config_derives_from_the_paper_config():
+    quick = load_config(ROOT / "config_quick.yaml")
+    assert quick.train.use_llm is False
+    assert quick.arch.head_type == "both" and "mobilevit1" in quick.arch.cnn_cfg
+
+
+def test_missing_config_file_is_clear(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_split_cli():
+    assert split_cli(["c.yaml", "a=1", "x.png", "b.c=2"]) == ("c.yaml", ["a=1", "b.c=2"], ["x.png"])
+    with pytest.raises(UserError, match="usage"):
+        split_cli(["a=1"])
+
+
+def test_cuda_without_cuda_is_clear():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="device=cuda but CUDA is not available"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_charset_round_trip_and_unknown_chars():
+    cs = Charset.from_texts(["ba a", "ca"])
+    assert cs.chars == " abc" and len(cs) == 5
+    assert cs.encode("cab") == [4, 2, 3]
+    assert cs.decode([4, 0, 2]) == "ca"
+    assert cs.unknown("abz!") == {"z", "!"}
+    assert cs.encode("az") == [2]
+
+
+def test_greedy_decode_collapses_repeats_and_blanks():
+    cs = Charset("ab")
+    path = [1, 1, 0, 1, 2, 2, 0, 0, 2]                     # a a - a b b - - b  ->  "aabb"
+    logits = torch.nn.functional.one_hot(torch.tensor(path), 3).float().unsqueeze(1) * 10   # (T, 1, K)
+    assert greedy_decode(logits, cs) == ["aabb"]
+    conf = line_confidence(logits)[0]
+    assert 0.99 < conf <= 1.0
+
+
+def test_error_rates_match_hand_computed_values():
+    refs = ["hello world", "abc"]
+    hyps = ["helo world", "abd"]
+    m = error_rates(refs, hyps, "space")
+    assert m["char_errors"] == 2 and m["chars"] == 14
+    assert m["cer"] == pytest.approx(2 / 14)
+    assert m["word_errors"] == 2 and m["words"] == 3
+    assert m["wer"] == pytest.approx(2 / 3)
+
+
+def test_wer_tokenizer_mode_splits_punctuation():
+    m_tok = error_rates(["Hello, world."], ["Hello world."], "tokenizer")
+    m_space = error_rates(["Hello, world."], ["Hello world."], "space")
+    assert m_tok["words"] == 4 and m_tok["word_errors"] == 1   # Hello , world .
+    assert m_space["words"] == 2 and m_space["word_errors"] == 1
+    with pytest.raises(UserError, match="wer_mode"):
+        error_rates(["a"], ["a"], "chars")
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"a": torch.ones(2)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError):
+        save_checkpoint({"a": torch.zeros(2)}, path)
+    assert torch.load(path, weights_only=True)["a"].equal(torch.ones(2))   # old file intact
