@@ -82,8 +82,8 @@ class Trainer:
         self.charset = Charset.from_texts(self.train_set.texts + (self.val_set.texts if self.val_set else []))
         self.model = HTRNet(cfg.arch, len(self.charset))
         self.llm = self._llm() if cfg.train.use_llm else None
-        params = list(self.model.parameters()) + (list(self.llm.trainable_parameters()) if self.llm else [])
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.params = list(self.model.parameters()) + (self.llm.trainable_parameters() if self.llm else [])
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.loader = self._loader(self.train_set, cfg.train.batch_size, shuffle=True, workers=cfg.train.num_workers)
         steps_per_epoch = len(self.loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -94,6 +94,8 @@ class Trainer:
         fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=fmt)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if self.llm is not None:
+            self.llm = self.acc.prepare(self.llm)                          # autocast (and DDP on several GPUs)
         if self.acc.num_processes > 1:
             self.loader = self.acc.prepare(self.loader)
         self.run_dir = self._run_dir(cfg.resume)
@@ -122,8 +124,14 @@ class Trainer:
     def _llm(self):
         if self.cfg.arch.head_type == "cnn":
             raise UserError("train.use_llm=true needs a recurrent head (arch.head_type both or rnn)")
-        from llm import build_llm_assist                                   # imported only when the LLM is on
-        return build_llm_assist(self.cfg.llm, self.acc.device)
+        from llm import LLMLoadError, build_llm_assist                     # imported only when the LLM is on
+        try:
+            assist = build_llm_assist(self.cfg.llm, self.acc.device, feat_dim=2 * self.cfg.arch.rnn_hidden_size)
+        except LLMLoadError as e:
+            raise UserError(str(e)) from None
+        log.info("LLM path: %s, connector + LoRA %.2fM trainable parameters", self.cfg.llm.name,
+                 sum(p.numel() for p in assist.trainable_parameters()) / 1e6)
+        return assist
 
     def _run_dir(self, resume) -> Path:
         if resume:
@@ -133,14 +141,17 @@ class Trainer:
 
     def _restore(self, ckpt: dict, path) -> None:
         check_compatible(ckpt, self.cfg, path, self.charset)
+        if (self.llm is not None) != ("llm" in ckpt):
+            raise UserError(f"checkpoint {path} was trained {'without' if self.llm else 'with'} the LLM path; "
+                            f"resume with train.use_llm={'false' if self.llm else 'true'} or start a new run")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.llm is not None:
-            if "llm" not in ckpt:
-                raise UserError(f"checkpoint {path} was trained without the LLM path; resume with "
-                                f"train.use_llm=false or start a new run")
-            self.llm.load_trainable_state_dict(ckpt["llm"]["trainable"])
+            try:
+                self.llm.load_trainable_state_dict(ckpt["llm"]["trainable"])
+            except ValueError as e:
+                raise UserError(f"checkpoint {path}: {e}") from None
         self.epoch, self.step, self.best_cer = ckpt["epoch"], ckpt["step"], ckpt["best_cer"]
         self.bad_validations = ckpt["bad_validations"]
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -161,7 +172,8 @@ class Trainer:
                  "epoch": self.epoch, "step": self.step, "best_cer": self.best_cer,
                  "bad_validations": self.bad_validations, "rng": rng}
         if self.llm is not None:
-            state["llm"] = {"name": self.cfg.llm.name, "trainable": self.llm.trainable_state_dict()}
+            state["llm"] = {"name": self.cfg.llm.name,
+                            "trainable": self.acc.unwrap_model(self.llm).trainable_state_dict()}
         return state
 
     def save(self, name: str) -> Path:
@@ -178,7 +190,7 @@ class Trainer:
         (self.run_dir / "charset.txt").write_text(self.charset.chars, encoding="utf-8")
         params = parameter_report(self.acc.unwrap_model(self.model))
         if self.llm is not None:
-            params["llm_trainable"] = sum(p.numel() for p in self.llm.trainable_parameters())
+            params["llm_trainable"] = sum(p.numel() for p in self.acc.unwrap_model(self.llm).trainable_parameters())
         info = {"git_commit": git_commit(), "argv": sys.argv, "torch": torch.__version__,
                 "device": str(self.acc.device), "mixed_precision": self.acc.mixed_precision,
                 "parameters": params, "train_lines": len(self.train_set),
@@ -203,7 +215,7 @@ class Trainer:
             losses["shortcut"] = ctc_loss(out.shortcut, targets, lengths)
         total = losses["ctc"] + self.cfg.train.shortcut_weight * losses.get("shortcut", 0.0)
         if self.llm is not None:
-            idx = self.llm.sample_indices(len(texts), self.cfg.train.llm_sample_ratio)
+            idx = self.acc.unwrap_model(self.llm).sample_indices(len(texts), self.cfg.train.llm_sample_ratio)
             losses["llm"] = self.llm(out.rnn1[idx.to(out.rnn1.device)], [texts[i] for i in idx.tolist()])
             total = total + self._llm_alpha() * losses["llm"]
         losses["total"] = total
@@ -216,6 +228,8 @@ class Trainer:
     def train_epoch(self) -> dict:
         """One pass over the training data; returns mean losses and throughput (or None if stopped early)."""
         self.model.train()
+        if self.llm is not None:
+            self.llm.train()                                               # connector dropout; the LLM stays eval
         if self.cfg.train.num_workers == 0:
             self.train_set.reseed(int(torch.randint(2**31, (1,), generator=self.loader_rng)))
         fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
@@ -229,7 +243,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.acc.backward(losses["total"])
             if self.cfg.train.grad_clip:
-                self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+                self.acc.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
@@ -237,8 +251,8 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(texts)
             rate = lines / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{losses['total'].item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                            lines_s=f"{rate:.1f}")
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items() if k != "shortcut"},
+                            lr=f"{self.scheduler.get_last_lr()[0]:.2e}", lines_s=f"{rate:.1f}")
         stats = {f"train_{k}": v / max(lines, 1) for k, v in sums.items()}
         stats.update(lines_per_s=lines / (time.perf_counter() - t0), lr=self.scheduler.get_last_lr()[0])
         return stats

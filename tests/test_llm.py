@@ -1,0 +1,175 @@
+"""LLM-assisted training: sequence construction, connector, frozen LLM, LoRA, loading errors (tiny random LMs)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from llm import IGNORE, LLMAssist, LLMLoadError, QFormerConnector, build_llm_assist, build_lm_batch
+from prepare_llm import write_tiny
+
+TEXTS = ["A MOVE to stop Mr. Gaitskell", "is to be made"]
+Q, T, D = 8, 16, 512  # small query / frame counts keep the tests fast; widths are the real ones
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llms")
+    for kind in ("tiny-llama", "tiny-gpt2"):
+        write_tiny(kind, root / kind)
+    return root
+
+
+def make_assist(path, **extra):
+    cfg = OmegaConf.create({"name": str(path), "num_queries": Q, "qformer_layers": 1, **extra})
+    return build_llm_assist(cfg, "cpu")
+
+
+def test_lm_batch_layout():
+    batch = build_lm_batch([[5, 6, 7], [8]], num_prefix=4, bos_id=1, eos_id=2, pad_id=0, prompt_ids=[9, 9])
+    # BOS, prompt x2, prefix x4, text, EOS, then padding
+    assert batch.prefix_start == 3
+    assert batch.input_ids.tolist() == [[1, 9, 9, 0, 0, 0, 0, 5, 6, 7, 2],
+                                        [1, 9, 9, 0, 0, 0, 0, 8, 2, 0, 0]]
+    X = IGNORE
+    assert batch.labels.tolist() == [[X, X, X, X, X, X, X, 5, 6, 7, 2],
+                                     [X, X, X, X, X, X, X, 8, 2, X, X]]
+    assert batch.attention_mask.tolist() == [[1] * 11, [1] * 9 + [0] * 2]
+
+
+def test_lm_batch_without_bos_and_prompt():  # e.g. Qwen2: no BOS token
+    batch = build_lm_batch([[5]], num_prefix=2, bos_id=None, eos_id=2, pad_id=2)
+    assert batch.prefix_start == 0
+    assert batch.input_ids.tolist() == [[2, 2, 5, 2]]
+    assert batch.labels.tolist() == [[IGNORE, IGNORE, 5, 2]]
+
+
+def test_labels_are_teacher_forced(model_dirs):
+    """HF's loss with our unshifted labels == CE of logits at t-1 against the text/EOS token at t."""
+    assist = make_assist(model_dirs / "tiny-llama", prompt="Transcribe:").eval()
+    assert assist.prompt_ids
+    feats = torch.randn(2, T, D)
+    loss = assist(feats, TEXTS)
+    text_ids = assist.lm.encode(TEXTS)
+    batch = build_lm_batch(text_ids, Q, assist.lm.bos_id, assist.lm.eos_id, assist.lm.pad_id, assist.prompt_ids)
+    prefix = assist.connector(feats)  # (2, Q, H)
+    embeds = assist.lm.embed(batch.input_ids)  # (2, L, H)
+    embeds[:, batch.prefix_start:batch.prefix_start + Q] = prefix
+    logits = assist.lm.model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits  # (2, L, V)
+    start = batch.prefix_start + Q
+    pred, target = [], []
+    for i, ids in enumerate(text_ids):
+        pred.append(logits[i, start - 1:start + len(ids)])  # last prefix slot predicts the first text token
+        target.append(torch.tensor(ids + [assist.lm.eos_id]))  # last text token predicts EOS
+    expected = F.cross_entropy(torch.cat(pred), torch.cat(target))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("kind, hidden", [("tiny-llama", 64), ("tiny-gpt2", 48)])
+def test_load_by_name_and_connector_width(model_dirs, kind, hidden):
+    assist = make_assist(model_dirs / kind)
+    assert assist.lm.hidden_size == hidden
+    assert assist.lm.pad_id is not None and assist.lm.bos_id is not None
+    assert assist.connector(torch.randn(3, T, D)).shape == (3, Q, hidden)
+    assert torch.isfinite(assist(torch.randn(2, T, D), TEXTS))
+    assert not assist.lm.training
+    assist.train()
+    assert not assist.lm.model.training and assist.connector.training  # the LLM stays in eval mode
+
+
+def test_gradients_reach_connector_and_features_only(model_dirs):
+    assist = make_assist(model_dirs / "tiny-llama")
+    frozen = {n: p.clone() for n, p in assist.lm.named_parameters()}
+    assert not any(p.requires_grad for p in assist.lm.parameters())
+    feats = torch.randn(2, T, D, requires_grad=True)
+    opt = torch.optim.AdamW(assist.parameters(), lr=1e-2)
+    assist(feats, TEXTS).backward()
+    opt.step()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in assist.connector.parameters())
+    for n, p in assist.lm.named_parameters():
+        assert p.grad is None and torch.equal(p, frozen[n]), n
+
+
+def test_state_dict_holds_no_llm_weights(model_dirs, tmp_path):
+    assist = make_assist(model_dirs / "tiny-llama")
+    keys = set(assist.trainable_state_dict())
+    assert keys == {"connector." + k for k in assist.connector.state_dict()}
+    parent = torch.nn.ModuleDict({"assist": assist})  # also when nested in another module
+    assert all(k.startswith("assist.connector.") for k in parent.state_dict())
+    other = make_assist(model_dirs / "tiny-llama")
+    other.load_trainable_state_dict(assist.trainable_state_dict())
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, assist.state_dict()[k])
+
+
+@pytest.mark.parametrize("kind, targets", [("tiny-llama", ["q_proj", "v_proj"]), ("tiny-gpt2", None)])
+def test_lora_trainable_params(model_dirs, kind, targets):
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": targets}
+    assist = make_assist(model_dirs / kind, lora=lora)
+    trainable = {n for n, p in assist.named_parameters() if p.requires_grad}
+    lora_names = {n for n in trainable if "lora_" in n}
+    connector_names = {"connector." + n for n, _ in assist.connector.named_parameters()}
+    assert lora_names and trainable == lora_names | connector_names
+    assert set(assist.trainable_state_dict()) == trainable  # no frozen LLM weight or buffer
+    assist(torch.randn(2, T, D), TEXTS).backward()
+    assert all(p.grad is not None for n, p in assist.named_parameters() if n in lora_names)
+    assist.train()
+    dropouts = [m for n, m in assist.lm.model.named_modules() if n.endswith("lora_dropout")]
+    assert dropouts and all(m.training for m in dropouts) and not assist.lm.model.base_model.training
+    make_assist(model_dirs / kind, lora=lora).load_trainable_state_dict(assist.trainable_state_dict())
+
+
+def test_missing_model_dir_raises_clear_error(tmp_path):
+    missing = tmp_path / "no-such-llm"
+    with pytest.raises(LLMLoadError, match="no-such-llm") as info:
+        build_llm_assist({"name": str(missing), "num_queries": Q}, "cpu")
+    assert "prepare_llm.py" in str(info.value)
+
+
+def test_qlora_without_cuda_raises_clear_error(model_dirs):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(LLMLoadError, match="bitsandbytes"):
+        make_assist(model_dirs / "tiny-llama", qlora=True)
+
+
+@pytest.mark.parametrize("batch_size, ratio, expected", [(1, 0.125, 1), (7, 0.125, 1), (8, 0.125, 1),
+                                                         (16, 0.125, 2), (20, 0.125, 2), (64, 0.125, 8),
+                                                         (10, 1.0, 10), (10, 0.0, 0)])
+def test_sample_indices(batch_size, ratio, expected):
+    gen = torch.Generator().manual_seed(0)
+    idx = LLMAssist.sample_indices(batch_size, ratio, gen)
+    assert idx.dtype == torch.long and len(idx) == expected
+    assert len(set(idx.tolist())) == expected and all(0 <= i < batch_size for i in idx.tolist())
+
+
+def test_sample_indices_are_random():
+    gen = torch.Generator().manual_seed(0)
+    draws = {tuple(LLMAssist.sample_indices(32, 0.125, gen).tolist()) for _ in range(10)}
+    assert len(draws) > 1
+
+
+def test_feature_width_is_configurable(model_dirs):
+    cfg = OmegaConf.create({"name": str(model_dirs / "tiny-llama"), "num_queries": Q})
+    assist = build_llm_assist(cfg, "cpu", feat_dim=256)  # e.g. arch.rnn_hidden_size=128
+    assert torch.isfinite(assist(torch.randn(2, T, 256), TEXTS))
+
+
+def test_connector_param_count():
+    n = sum(p.numel() for p in QFormerConnector(llm_hidden=3072).parameters())
+    assert 9e6 < n < 11e6  # 6.3 M Q-Former (2 layers) + 3.7 M projection to H=3072
+
+
+def test_loss_falls_when_training_connector(model_dirs):
+    torch.manual_seed(0)
+    assist = make_assist(model_dirs / "tiny-gpt2")
+    feats = torch.randn(2, T, D)
+    opt = torch.optim.AdamW(assist.trainable_parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        loss = assist(feats, TEXTS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -1,0 +1,60 @@
+"""The LLM path inside the trainer: L = L_CTC + alpha * L_LLM, checkpoints, resume, and the LLM-off path."""
+import sys
+
+import pytest
+import torch
+
+import trainer
+from conftest import ROOT
+from prepare_llm import write_tiny
+from utils import UserError, load_checkpoint, load_config
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    write_tiny("tiny-llama", path)
+    return path
+
+
+def make(overrides, resume=None):
+    cfg = load_config(ROOT / "config.yaml", overrides)
+    return trainer.Trainer(cfg, (load_checkpoint(resume), resume) if resume else None)
+
+
+def test_llm_loss_is_logged_and_only_the_connector_is_saved(tiny_overrides, tiny_llama):
+    t = make(tiny_overrides + ["train.use_llm=true", f"llm.name={tiny_llama}", "llm.num_queries=8",
+                               "train.num_epochs=2", "train.llm_sample_ratio=0.5"])
+    frozen = {k: v.clone() for k, v in t.llm.lm.model.state_dict().items()}
+    assert frozen
+    last = t.fit()
+    row = t.runlog.rows[-1]
+    assert row["train_llm"] > 0 and row["train_total"] > row["train_ctc"]
+    ckpt = load_checkpoint(last)
+    assert ckpt["llm"]["name"] == str(tiny_llama)
+    assert all(k.startswith("connector.") for k in ckpt["llm"]["trainable"])
+    assert not any("lm." in k for k in ckpt["model"])
+    for k, v in t.llm.lm.model.state_dict().items():                # the LLM itself never changed
+        assert torch.equal(frozen[k], v), k
+    resumed = make(tiny_overrides + ["train.use_llm=true", f"llm.name={tiny_llama}", "llm.num_queries=8",
+                                     "train.num_epochs=3", f"resume={last}"], resume=last)
+    for k, v in resumed.llm.connector.state_dict().items():
+        assert torch.equal(v.cpu(), ckpt["llm"]["trainable"][f"connector.{k}"]), k
+
+
+def test_llm_off_never_imports_the_llm_code(tiny_overrides, monkeypatch):
+    for name in ("llm", "transformers", "peft"):
+        monkeypatch.setitem(sys.modules, name, None)                # any import of them would now fail
+    make(tiny_overrides + ["train.num_epochs=1"]).fit()
+
+
+def test_missing_llm_directory_is_one_clear_error(tiny_overrides, tmp_path):
+    with pytest.raises(UserError, match=f"{tmp_path / 'no-such-llm'}"):
+        make(tiny_overrides + ["train.use_llm=true", f"llm.name={tmp_path / 'no-such-llm'}"])
+
+
+def test_resume_without_llm_state_is_clear(tiny_overrides, tiny_llama):
+    last = make(tiny_overrides + ["train.num_epochs=1"]).fit()
+    with pytest.raises(UserError, match="trained without the LLM path"):
+        make(tiny_overrides + ["train.use_llm=true", f"llm.name={tiny_llama}", "llm.num_queries=8",
+                               f"resume={last}"], resume=last)
