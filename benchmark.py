@@ -1,0 +1,148 @@
+"""Throughput benchmark, JSON on stdout: python benchmark.py [config.yaml] [key=value ...] [--steps N] [--compile]
+
+Measures, in one process, a plain baseline (fp32, eager, NCHW, no_grad) and the tuned path the scripts use
+(channels_last, inference_mode, bf16 autocast on CUDA, optional torch.compile), and prints their ratios: these
+machines are noisy and only same-run ratios are stable. Train = forward + backward + optimizer step at
+train.batch_size on random (B, 1, H, W) lines; eval = batched forward at eval.batch_size; demo = one line.
+"""
+import argparse
+import json
+import platform
+import resource
+import time
+
+import torch
+
+from models import HTRNet, parameter_report
+from trainer import ctc_loss
+from utils import load_config, resolve_device
+
+N_CLASSES = 80          # IAM-sized charset + blank
+LLM_TEXT = "A MOVE to stop Mr. Gaitskell from nominating any more Labour life Peers"   # an IAM-length line
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, steps: int, warmup: int = 1) -> float:
+    """Seconds per call after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+class Variant:
+    """One way of running the model: baseline or tuned."""
+
+    def __init__(self, cfg, device, tuned: bool, compile_model: bool, llm=None):
+        torch.manual_seed(0)
+        self.llm, self.llm_ratio = llm, cfg.train.llm_sample_ratio
+        self.device, self.tuned = device, tuned
+        self.fmt = torch.channels_last if tuned else torch.contiguous_format
+        self.model = HTRNet(cfg.arch, N_CLASSES).to(device).to(memory_format=self.fmt)
+        self.dtype = torch.bfloat16 if tuned and device.type == "cuda" else None
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        params = list(self.model.parameters()) + (llm.trainable_parameters() if llm else [])
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def batch(self, b: int, h: int, w: int, with_targets: bool = False):
+        x = torch.rand(b, 1, h, w, device=self.device).contiguous(memory_format=self.fmt)
+        if not with_targets:
+            return x
+        lengths = torch.full((b,), 40, dtype=torch.long)
+        return x, torch.randint(1, N_CLASSES, (b * 40,)), lengths
+
+    def run(self, x):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.forward(x)
+
+    def train_step(self, x, targets, lengths):
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            out = self.forward(x)
+            loss = ctc_loss(out.logits, targets, lengths) + 0.1 * ctc_loss(out.shortcut, targets, lengths)
+            if self.llm is not None:
+                idx = self.llm.sample_indices(x.shape[0], self.llm_ratio)
+                loss = loss + self.llm(out.rnn1[idx.to(self.device)], [LLM_TEXT] * len(idx))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def infer(self, x):
+        self.model.eval()
+        with (torch.inference_mode() if self.tuned else torch.no_grad()):
+            return self.run(x).logits
+
+
+def measure(variant: Variant, cfg, steps: int) -> dict:
+    h, w = cfg.preproc.image_height, cfg.preproc.image_width
+    bt, be = cfg.train.batch_size, cfg.eval.batch_size
+    train_batch = variant.batch(bt, h, w, with_targets=True)
+    eval_batch, one = variant.batch(be, h, w), variant.batch(1, h, w)
+    return {"train_lines_per_s": bt / timed(lambda: variant.train_step(*train_batch), variant.device, steps),
+            "eval_lines_per_s": be / timed(lambda: variant.infer(eval_batch), variant.device, steps),
+            "demo_ms_per_line": 1000 * timed(lambda: variant.infer(one), variant.device, 3 * steps)}
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux: KiB
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default="config.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--steps", type=int, default=3, help="timed iterations per measurement")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the tuned variant")
+    parser.add_argument("--llm", action="store_true",
+                        help="also time the tuned train step with the LLM path on (llm.* config keys)")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline = measure(Variant(cfg, device, tuned=False, compile_model=False), cfg, args.steps)
+    tuned_variant = Variant(cfg, device, tuned=True, compile_model=args.compile)
+    tuned = measure(tuned_variant, cfg, args.steps)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "image": [cfg.preproc.image_height, cfg.preproc.image_width],
+        "train_batch": cfg.train.batch_size, "eval_batch": cfg.eval.batch_size, "compile": args.compile,
+        "parameters": parameter_report(tuned_variant.model),
+        "baseline": baseline, "tuned": tuned,
+        "speedup": {k: (tuned[k] / baseline[k] if "per_s" in k else baseline[k] / tuned[k]) for k in baseline},
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    if args.llm:
+        report["llm"] = measure_llm(cfg, device, args.steps, report["tuned"]["train_lines_per_s"])
+    print(json.dumps(report, indent=2))
+
+
+def measure_llm(cfg, device, steps: int, off_lines_per_s: float) -> dict:
+    """Train step with the LLM path on (same tuned variant) vs off; peak memory of the LLM-on step."""
+    from llm import build_llm_assist
+    llm = build_llm_assist(cfg.llm, device, feat_dim=2 * cfg.arch.rnn_hidden_size)
+    variant = Variant(cfg, device, tuned=True, compile_model=False, llm=llm)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    batch = variant.batch(cfg.train.batch_size, cfg.preproc.image_height, cfg.preproc.image_width, True)
+    on = cfg.train.batch_size / timed(lambda: variant.train_step(*batch), device, steps)
+    return {"name": cfg.llm.name, "sample_ratio": cfg.train.llm_sample_ratio,
+            "llm_parameters": sum(p.numel() for p in llm.lm.parameters()),
+            "connector_parameters": sum(p.numel() for p in llm.trainable_parameters()),
+            "train_lines_per_s_llm_on": on, "train_lines_per_s_llm_off": off_lines_per_s,
+            "step_time_ratio_on_vs_off": off_lines_per_s / on, "peak_memory_mb": peak_memory_mb(device)}
+
+
+if __name__ == "__main__":
+    main()
