@@ -1,0 +1,84 @@
+"""prepare_synthetic.py: determinism, format, split disjointness. Assets come from PyPI into $HTR_CACHE."""
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from prepare_synthetic import FONTS, PLAYS, SPLITS, split_speeches  # noqa: E402
+from synth_glyphs import CHARSET, parse_play, shakespeare, to_charset  # noqa: E402
+
+N_LINES = 80
+
+
+def generate(out: Path, workers: int) -> Path:
+    cmd = [sys.executable, str(ROOT / "prepare_synthetic.py"), str(out), "--lines", str(N_LINES), "--seed", "7",
+           "--workers", str(workers), "--preview", str(out / "preview.png")]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("synth") / "a", workers=2)
+
+
+def read_gt(path: Path) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in path.read_text(encoding="utf-8").splitlines())
+
+
+def test_charset_is_iams_79():
+    assert len(CHARSET) == 79 == len(set(CHARSET))
+    assert to_charset("\u201cNay,\u201d quoth he \u2014 caf\u00e9 [sic] \u2019tis\u2026 $5 \u00a3") == \
+        "\"Nay,\" quoth he - cafe (sic) 'tis... 5"
+
+
+def test_parse_play_keeps_only_spoken_text():
+    md = ("# Play\n\n## ACT I\n\n_Enter ORLANDO and ADAM_\n\n**ORLANDO**  \nAs I remember, Adam, it was  \n"
+          "upon this fashion _Aside_ \u2019tis so.\n\n_Exit_\n")
+    assert parse_play(md) == [["As", "I", "remember,", "Adam,", "it", "was", "upon", "this", "fashion", "'tis", "so."]]
+
+
+def test_same_seed_gives_identical_bytes(dataset: Path, tmp_path: Path):
+    other = generate(tmp_path / "b", workers=1)
+    for split in SPLITS:
+        assert (dataset / split / "gt.txt").read_bytes() == (other / split / "gt.txt").read_bytes()
+        for lid in read_gt(dataset / split / "gt.txt"):
+            assert (dataset / split / f"{lid}.png").read_bytes() == (other / split / f"{lid}.png").read_bytes()
+
+
+def test_format(dataset: Path):
+    gts = {split: read_gt(dataset / split / "gt.txt") for split in SPLITS}
+    assert [len(gt) for gt in gts.values()] == [round(N_LINES * f) for f in SPLITS.values()]
+    for split, gt in gts.items():
+        for lid, text in gt.items():
+            assert text.strip() == text and text and set(text) <= set(CHARSET)
+            img = cv2.imread(str(dataset / split / f"{lid}.png"), cv2.IMREAD_UNCHANGED)
+            assert img.ndim == 2 and img.dtype == np.uint8 and 30 <= img.shape[0] <= 160
+            assert np.median(img) > 150 and img.min() < np.median(img) - 60  # dark ink on light paper
+    lengths = [len(t) for gt in gts.values() for t in gt.values()]
+    assert 25 <= np.mean(lengths) <= 60
+    assert (dataset / "preview.png").stat().st_size > 0
+
+
+def styles(dataset: Path, split: str) -> set[str]:
+    """Hands used in a split; digits drawn from MNIST are reported as 'mnist-<part>+<font>'."""
+    rows = (dataset / split / "styles.txt").read_text().split("\n")
+    return {part for row in rows if row for part in row.split()[2].split("+")}
+
+
+def test_val_and_test_hands_and_texts_are_unseen_in_train(dataset: Path):
+    train = styles(dataset, "train")
+    assert train <= set(sum(FONTS["train"], [])) | {"mnist-train"}
+    for split in ("val", "test"):
+        assert styles(dataset, split).isdisjoint(train)
+        assert set(PLAYS[split]) <= set(shakespeare())
+    train_texts = set(read_gt(dataset / "train" / "gt.txt").values())
+    for split in ("val", "test"):
+        assert not {t for t in read_gt(dataset / split / "gt.txt").values() if len(t) > 20} & train_texts
+    train_speeches = {" ".join(s) for s in split_speeches("train") if len(s) > 8}
+    assert not train_speeches & {" ".join(s) for s in split_speeches("test")}
