@@ -210,8 +210,9 @@ class LineDataset(Dataset):
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: derive the augmentation seed from the loader's per-epoch generator."""
-    info = torch.utils.data.get_worker_info()
-    info.dataset.reseed(torch.initial_seed())
+    torch.set_num_threads(1)                                               # the main process trains on the cores
+    cv2.setNumThreads(1)
+    torch.utils.data.get_worker_info().dataset.reseed(torch.initial_seed())
 
 
 class Collate:

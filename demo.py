@@ -7,11 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from dataset import load_for_inference
-from utils import UserError, greedy_decode, line_confidence, load_config, load_model, resolve_device, run_main, \
-    split_cli
+from decoding import greedy_decode, line_confidence
+from utils import UserError, line_log_probs, load_config, load_model, resolve_device, run_main, split_cli
 
 
 def ground_truth(image: Path):
@@ -26,16 +24,15 @@ def ground_truth(image: Path):
     return None
 
 
-@torch.inference_mode()
-def transcribe(model, charset, paths, cfg, device) -> list:
+def transcribe(model, charset, paths, cfg) -> list:
     results = []
     for path in paths:
         try:
             x = load_for_inference(path, cfg.preproc.image_height, cfg.preproc.image_width)
         except ValueError as e:
             raise UserError(f"{path}: {e} (expected an image file OpenCV can read: png, jpg, tif, ...)") from None
-        logits = model(x.unsqueeze(0).to(device)).logits                  # (T, 1, K)
-        results.append((greedy_decode(logits, charset)[0], line_confidence(logits)[0]))
+        log_probs = line_log_probs(model, x.unsqueeze(0))[0]              # (T, K)
+        results.append((greedy_decode(log_probs, charset), line_confidence(log_probs)))
     return results
 
 
@@ -51,7 +48,7 @@ def main(argv=None):
     model, charset, _ = load_model(cfg, cfg.resume)
     model = model.to(device)
     paths = [Path(p) for p in images]
-    for path, (text, conf) in zip(paths, transcribe(model, charset, paths, cfg, device)):
+    for path, (text, conf) in zip(paths, transcribe(model, charset, paths, cfg)):
         print(f"{path}\t{text}\t{conf:.3f}")
         gt = ground_truth(path)
         if gt is not None:

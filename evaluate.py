@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: python evaluate.py config.yaml resume=run/best.pt [eval.split=test] [data.path=...]
 
-Greedy CTC decoding; corpus CER and WER; writes eval_<split>.json (report) and eval_<split>.csv (lines, worst
-first) next to the checkpoint.
+Greedy CTC decoding by default; with decode.mode=beam also CTC prefix beam search with a character n-gram LM,
+reported side by side (decode.build_lm=true estimates the LM, decode.tune=true tunes its weight on val). Writes
+eval_<split>.json (report) and eval_<split>.csv (lines, worst first) next to the checkpoint.
 """
 import csv
 import json
@@ -10,49 +11,155 @@ import sys
 from pathlib import Path
 
 import torch
+from rapidfuzz.distance import Levenshtein
 from torch.utils.data import DataLoader
 
-from dataset import Collate, LineDataset
+from dataset import Collate, LineDataset, read_gt
 from utils import (UserError, error_rates, load_config, load_model, predict, resolve_device, run_main,
                    split_cli)
 
 log = logging.getLogger("htr")
+TUNE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+TUNE_BONUSES = (-0.5, 0.0, 0.5, 1.0, 2.0)
 
 
-def line_rows(out: dict) -> list:
+def line_rows(out: dict, hyp_key: str) -> list:
     """Per-line rows sorted worst first (by character errors, then CER)."""
-    from rapidfuzz.distance import Levenshtein
     rows = []
-    for i, ref, hyp, conf in zip(out["ids"], out["refs"], out["hyps"], out["confidences"]):
+    for i, ref, hyp, conf in zip(out["ids"], out["refs"], out[hyp_key], out["confidences"]):
         errors = Levenshtein.distance(ref, hyp)
         rows.append({"id": i, "errors": errors, "cer": errors / max(len(ref), 1), "confidence": round(conf, 4),
                      "reference": ref, "hypothesis": hyp})
     return sorted(rows, key=lambda r: (-r["errors"], -r["cer"]))
 
 
+def confidence_check(rows: list) -> dict:
+    """Does low confidence predict errors? CER of the least confident tenth of the lines vs the rest."""
+    ranked = sorted(rows, key=lambda r: r["confidence"])
+    cut = max(1, len(ranked) // 10)
+
+    def cer(part):
+        return sum(r["errors"] for r in part) / max(1, sum(len(r["reference"]) for r in part))
+    return {"cer_lowest_confidence_decile": cer(ranked[:cut]), "cer_other_lines": cer(ranked[cut:])}
+
+
+# ------------------------------------------------------------------------------------------------- beam search
+
+def lm_file(cfg, checkpoint) -> Path:
+    return Path(cfg.decode.lm_path) if cfg.decode.lm_path else Path(checkpoint).parent / "char_lm.json.gz"
+
+
+def build_lm(cfg, charset, path: Path):
+    """Estimate the character LM from data.path/train transcriptions (+ decode.lm_text) and save it."""
+    from decoding import CharNgramLM
+    entries, _ = read_gt(Path(cfg.data.path) / "train")
+    if cfg.decode.lm_text and not Path(cfg.decode.lm_text).is_file():
+        raise UserError(f"decode.lm_text {cfg.decode.lm_text} not found")
+    lm = CharNgramLM(charset, order=cfg.decode.lm_order)
+    dropped = lm.fit([text for _, text in entries], cfg.decode.lm_text or None)
+    lm.save(path)
+    log.info("character %d-gram LM from %d lines saved to %s (%d out-of-charset characters dropped)",
+             cfg.decode.lm_order, len(entries), path, dropped)
+    return lm
+
+
+def load_lm(cfg, charset, checkpoint):
+    from decoding import CharNgramLM
+    path = lm_file(cfg, checkpoint)
+    if cfg.decode.build_lm:
+        return build_lm(cfg, charset, path)
+    if cfg.decode.lm_weight == 0 and not cfg.decode.tune:
+        return None
+    if not path.is_file():
+        raise UserError(f"no character LM at {path}: add decode.build_lm=true to estimate it from the training "
+                        f"transcriptions, or set decode.lm_path")
+    try:
+        return CharNgramLM.load(path, charset.chars)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def tune(cfg, charset, lm, val: dict) -> dict:
+    """Grid-search lm_weight / lm_bonus on the val split; returns the best and the grid."""
+    from decoding import tune_lm_weights
+    w, b, table = tune_lm_weights(val["log_probs"], val["refs"], charset, lm, TUNE_WEIGHTS, TUNE_BONUSES,
+                                  cfg.decode, cfg.decode.workers)
+    for row in table:
+        log.info("tune on val: lm_weight %.2f lm_bonus %.2f -> CER %.4f", row["lm_weight"], row["lm_bonus"],
+                 row["cer"])
+    log.info("best on val: decode.lm_weight=%s decode.lm_bonus=%s", w, b)
+    return {"lm_weight": w, "lm_bonus": b, "val_tuning": table}
+
+
+def beam_decode(cfg, model, charset, out: dict, checkpoint) -> dict:
+    """Adds out['beam'] (1-best of the beam search; out['llm'] after LLM rescoring) and returns the settings."""
+    from decoding import decode_batch
+    lm = load_lm(cfg, charset, checkpoint)
+    settings = {k: cfg.decode[k] for k in ("beam", "lm_weight", "lm_bonus", "prune_topk", "prune_threshold",
+                                           "blank_skip", "beam_threshold")}
+    val = predict(model, make_loader(cfg, "val", charset), charset, channels_last=True) \
+        if cfg.decode.tune or cfg.decode.llm_rescore else None
+    if cfg.decode.tune:
+        settings.update(tune(cfg, charset, lm, val))
+
+    def nbest_of(log_probs):
+        return decode_batch(log_probs, charset, lm if settings["lm_weight"] else None, settings, cfg.decode.workers)
+    nbest = nbest_of(out["log_probs"])
+    out["beam"] = [n[0][0] if n else "" for n in nbest]
+    if cfg.decode.llm_rescore:
+        from rescore import llm_rescore
+        k = cfg.decode.nbest
+        out["llm"], settings["llm_rescore"] = llm_rescore(
+            cfg, [n[:k] for n in nbest], [n[:k] for n in nbest_of(val["log_probs"])], val["refs"],
+            resolve_device(cfg.device))
+    return {**settings, "lm": str(lm_file(cfg, checkpoint)) if lm else None}
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+def unknown_chars(data: LineDataset, charset) -> str:
+    return "".join(sorted(set().union(*(charset.unknown(t) for t in data.texts))))
+
+
+def make_loader(cfg, split: str, charset) -> DataLoader:
+    data = LineDataset(cfg.data.path, split, cfg.preproc.image_height, cfg.preproc.image_width, cfg.data.cache)
+    unknown = unknown_chars(data, charset)
+    if unknown:
+        log.warning("%d character(s) of %s/%s are not in the model's charset and count as errors: %r",
+                    len(unknown), cfg.data.path, split, unknown)
+    return DataLoader(data, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers,
+                      collate_fn=Collate(charset))
+
+
 def evaluate(cfg, checkpoint) -> dict:
+    if cfg.decode.mode not in ("greedy", "beam"):
+        raise UserError(f"decode.mode must be greedy or beam, got {cfg.decode.mode!r}")
+    if cfg.decode.llm_rescore and cfg.decode.mode != "beam":
+        raise UserError("decode.llm_rescore=true rescores beam-search n-best lists: add decode.mode=beam")
     device = resolve_device(cfg.device)
     model, charset, _ = load_model(cfg, checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)
-    data = LineDataset(cfg.data.path, cfg.eval.split, cfg.preproc.image_height, cfg.preproc.image_width,
-                       cfg.data.cache)
-    unknown = sorted(set().union(*(charset.unknown(t) for t in data.texts)))
-    if unknown:
-        log.warning("%d character(s) of %s/%s are not in the model's charset and count as errors: %r",
-                    len(unknown), cfg.data.path, cfg.eval.split, "".join(unknown))
-    loader = DataLoader(data, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers,
-                        collate_fn=Collate(charset))
-    out = predict(model, loader, charset, device, channels_last=True)
-    metrics = error_rates(out["refs"], out["hyps"], cfg.eval.wer_mode)
+    loader = make_loader(cfg, cfg.eval.split, charset)
+    out = predict(model, loader, charset, channels_last=True)
+    out["greedy"] = out.pop("hyps")
+    data = loader.dataset
     report = {"checkpoint": str(checkpoint), "data": str(cfg.data.path), "split": cfg.eval.split,
-              "lines": len(data), "skipped": len(data.skipped), "unknown_chars": "".join(unknown),
-              "decoding": "greedy", **metrics}
-    write_outputs(Path(checkpoint).parent, cfg.eval.split, report, line_rows(out))
+              "lines": len(data), "skipped": len(data.skipped), "unknown_chars": unknown_chars(data, charset)}
+    if cfg.decode.mode == "beam":
+        report["beam_settings"] = beam_decode(cfg, model, charset, out, checkpoint)
+    modes = [m for m in ("greedy", "beam", "llm") if m in out]
+    for mode in modes:
+        report[mode] = error_rates(out["refs"], out[mode], cfg.eval.wer_mode)
+    best = modes[-1]
+    report.update(decoding=best, cer=report[best]["cer"], wer=report[best]["wer"])
+    rows = line_rows(out, best)
+    report["confidence"] = confidence_check(rows)
+    write_outputs(Path(checkpoint).parent, cfg.eval.split, report, rows)
     return report
 
 
 def write_outputs(out_dir: Path, split: str, report: dict, rows: list) -> None:
-    (out_dir / f"eval_{split}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (out_dir / f"eval_{split}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=float))
     with open(out_dir / f"eval_{split}.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
@@ -69,8 +176,10 @@ def main(argv=None):
     if not cfg.resume:
         raise UserError("no checkpoint given: add resume=PATH/TO/best.pt")
     report = evaluate(cfg, cfg.resume)
-    print(f"{report['split']}: CER {100 * report['cer']:.2f}%  WER {100 * report['wer']:.2f}%  "
-          f"({report['lines']} lines, {report['skipped']} skipped)")
+    for mode in ("greedy", "beam", "llm"):
+        if mode in report:
+            print(f"{report['split']} ({mode}): CER {100 * report[mode]['cer']:.2f}%  "
+                  f"WER {100 * report[mode]['wer']:.2f}%  ({report['lines']} lines, {report['skipped']} skipped)")
 
 
 if __name__ == "__main__":

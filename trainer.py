@@ -262,7 +262,7 @@ class Trainer:
         loader = DataLoader(self.val_set, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.eval.num_workers,
                             collate_fn=Collate(self.charset))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.acc.mixed_precision)
-        out = predict(model, loader, self.charset, self.acc.device, self.cfg.train.channels_last, dtype)
+        out = predict(model, loader, self.charset, self.cfg.train.channels_last, dtype)
         metrics = error_rates(out["refs"], out["hyps"], self.cfg.eval.wer_mode)
         return {"val_cer": metrics["cer"], "val_wer": metrics["wer"]}
 

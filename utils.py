@@ -9,9 +9,6 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-BLANK = 0
-
-
 class UserError(Exception):
     """A problem the user can fix (bad config, missing file, ...): printed as one line, no traceback."""
 
@@ -125,26 +122,7 @@ class Charset:
         return [self.index[c] for c in text if c in self.index]
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[i - 1] for i in ids if i != BLANK)
-
-
-def greedy_decode(logits: torch.Tensor, charset: Charset) -> list:
-    """Best path: argmax per frame, collapse repeats, drop blanks. logits (T, B, K) -> B strings."""
-    best = logits.argmax(-1).t().cpu()                                     # (B, T)
-    texts = []
-    for row in best.tolist():
-        collapsed = [c for t, c in enumerate(row) if c != BLANK and (t == 0 or c != row[t - 1])]
-        texts.append(charset.decode(collapsed))
-    return texts
-
-
-def line_confidence(logits: torch.Tensor) -> list:
-    """Per line: mean of the best-path posterior over frames that emit a character (1.0 for an empty line)."""
-    probs, best = logits.float().softmax(-1).max(-1)                      # (T, B)
-    emitting = best != BLANK
-    emitting[1:] &= best[1:] != best[:-1]
-    conf = (probs * emitting).sum(0) / emitting.sum(0).clamp(min=1)
-    return [c if n else 1.0 for c, n in zip(conf.tolist(), emitting.sum(0).tolist())]
+        return "".join(self.chars[i - 1] for i in ids if i != 0)
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
@@ -231,16 +209,24 @@ def load_model(cfg: DictConfig, path):
 # ------------------------------------------------------------------------------------------------------ inference
 
 @torch.inference_mode()
-def predict(model, loader, charset: Charset, device, channels_last: bool = False, autocast_dtype=None) -> dict:
-    """Greedy transcriptions and confidences for a loader of (images, targets, lengths, texts, ids) batches."""
-    out = {"ids": [], "refs": [], "hyps": [], "confidences": []}
+def line_log_probs(model, images: torch.Tensor, channels_last: bool = False, autocast_dtype=None) -> list:
+    """Images (B, 1, H, W) -> B arrays of CTC log-probabilities (T, K), float32 numpy, blank = class 0."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    device = next(model.parameters()).device
+    images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(images).logits                                      # (T, B, K)
+    return list(logits.float().log_softmax(-1).transpose(0, 1).cpu().numpy())
+
+
+def predict(model, loader, charset: Charset, channels_last: bool = False, autocast_dtype=None) -> dict:
+    """Greedy transcriptions, confidences and log-probs for a loader of Collate batches."""
+    from decoding import greedy_decode, line_confidence
+    out = {"ids": [], "refs": [], "log_probs": []}
     for images, _, _, texts, ids in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(images).logits                                  # (T, B, K)
         out["ids"] += ids
         out["refs"] += texts
-        out["hyps"] += greedy_decode(logits, charset)
-        out["confidences"] += line_confidence(logits)
+        out["log_probs"] += line_log_probs(model, images, channels_last, autocast_dtype)
+    out["hyps"] = [greedy_decode(lp, charset) for lp in out["log_probs"]]
+    out["confidences"] = [line_confidence(lp) for lp in out["log_probs"]]
     return out

@@ -43,7 +43,7 @@ def test_train_writes_run_directory(trained):
 def test_evaluate_reports_and_handles_unknown_chars(trained):
     overrides, best, _ = trained
     proc = run("evaluate.py", *overrides, f"resume={best}")
-    assert "test: CER" in proc.stdout
+    assert "test (greedy): CER" in proc.stdout
     assert "not in the model's charset" in proc.stderr and "'z'" in proc.stderr
     report = json.loads((best.parent / "eval_test.json").read_text())
     assert report["lines"] == 2 and report["unknown_chars"] == "z" and 0 <= report["cer"]
@@ -86,3 +86,38 @@ def test_evaluate_rejects_checkpoint_of_other_architecture(trained):
     overrides, best, _ = trained
     proc = run("evaluate.py", *overrides, f"resume={best}", "arch.rnn_layers=3", ok=False)
     assert "arch.rnn_layers: checkpoint 2 vs config 3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_beam_with_lm_reports_both_and_tunes_on_val(trained):
+    overrides, best, _ = trained
+    proc = run("evaluate.py", *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
+               "decode.tune=true", "decode.lm_order=3", "decode.workers=1")
+    assert "test (greedy): CER" in proc.stdout and "test (beam): CER" in proc.stdout
+    assert "tune on val" in proc.stderr
+    report = json.loads((best.parent / "eval_test.json").read_text())
+    assert report["beam_settings"]["val_tuning"] and report["cer"] == report["beam"]["cer"]
+    assert set(report["confidence"]) == {"cer_lowest_confidence_decile", "cer_other_lines"}
+    assert (best.parent / "char_lm.json.gz").is_file()
+    again = run("evaluate.py", *overrides, f"resume={best}", "decode.mode=beam", "decode.workers=1")
+    assert "test (beam): CER" in again.stdout                           # reuses the saved LM
+
+
+def test_evaluate_bad_lm_file_is_clear(trained, tmp_path):
+    overrides, best, _ = trained
+    bad = tmp_path / "lm.json"
+    bad.write_text("{not json")
+    proc = run("evaluate.py", *overrides, f"resume={best}", "decode.mode=beam", f"decode.lm_path={bad}", ok=False)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_llm_rescoring_reports_three_decodings(trained, tmp_path):
+    from prepare_llm import write_tiny
+    overrides, best, _ = trained
+    write_tiny("tiny-llama", tmp_path / "tiny-llama")
+    proc = run("evaluate.py", *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
+               "decode.lm_order=3", "decode.workers=1", "decode.llm_rescore=true", f"llm.name={tmp_path / 'tiny-llama'}")
+    assert "test (llm): CER" in proc.stdout
+    report = json.loads((best.parent / "eval_test.json").read_text())
+    assert report["decoding"] == "llm" and "beta" in report["beam_settings"]["llm_rescore"]
+    proc = run("evaluate.py", *overrides, f"resume={best}", "decode.llm_rescore=true", ok=False)
+    assert "add decode.mode=beam" in proc.stderr and "Traceback" not in proc.stderr

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from utils import (Charset, UserError, error_rates, greedy_decode, line_confidence, load_config, resolve_device,
-                   save_checkpoint, split_cli)
+from utils import Charset, UserError, error_rates, load_config, resolve_device, save_checkpoint, split_cli
 
 CONFIG = ROOT / "config.yaml"
 
@@ -57,15 +56,6 @@ def test_charset_round_trip_and_unknown_chars():
     assert cs.decode([4, 0, 2]) == "ca"
     assert cs.unknown("abz!") == {"z", "!"}
     assert cs.encode("az") == [2]
-
-
-def test_greedy_decode_collapses_repeats_and_blanks():
-    cs = Charset("ab")
-    path = [1, 1, 0, 1, 2, 2, 0, 0, 2]                     # a a - a b b - - b  ->  "aabb"
-    logits = torch.nn.functional.one_hot(torch.tensor(path), 3).float().unsqueeze(1) * 10   # (T, 1, K)
-    assert greedy_decode(logits, cs) == ["aabb"]
-    conf = line_confidence(logits)[0]
-    assert 0.99 < conf <= 1.0
 
 
 def test_error_rates_match_hand_computed_values():
