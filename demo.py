@@ -4,12 +4,12 @@ Prints `<file>\t<transcription>\t<confidence>` per image (and the ground truth w
 has it). Any size, colour or grey, png/jpg/tif.
 """
 import logging
-import sys
 from pathlib import Path
 
 from dataset import load_for_inference
 from decoding import greedy_decode, line_confidence
-from utils import UserError, line_log_probs, load_config, load_model, resolve_device, run_main, split_cli
+from onnx_runtime import load_recognizer
+from utils import UserError, config_from_cli, line_log_probs, resolve_device, run_main
 
 
 def ground_truth(image: Path):
@@ -37,16 +37,11 @@ def transcribe(model, charset, paths, cfg) -> list:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.WARNING)
-    cfg_path, overrides, images = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(cfg_path, overrides)
-    if not cfg.resume:
-        raise UserError("no checkpoint given: add resume=PATH/TO/best.pt")
+    cfg, images = config_from_cli(argv, "demo.py", need_resume=True, positionals=True)
     if not images:
         raise UserError("no image given: python demo.py config.yaml resume=CKPT IMG [IMG ...]")
     device = resolve_device(cfg.device)
-    model, charset, _ = load_model(cfg, cfg.resume)
-    model = model.to(device)
+    model, charset = load_recognizer(cfg, cfg.resume, cfg.runtime, device)
     paths = [Path(p) for p in images]
     for path, (text, conf) in zip(paths, transcribe(model, charset, paths, cfg)):
         print(f"{path}\t{text}\t{conf:.3f}")
@@ -56,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, logging.WARNING)

@@ -7,16 +7,14 @@ eval_<split>.json (report) and eval_<split>.csv (lines, worst first) next to the
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 
-import torch
 from rapidfuzz.distance import Levenshtein
 from torch.utils.data import DataLoader
 
 from dataset import Collate, LineDataset, read_gt
-from utils import (UserError, error_rates, load_config, load_model, predict, resolve_device, run_main,
-                   split_cli)
+from onnx_runtime import load_recognizer
+from utils import UserError, config_from_cli, error_rates, predict, resolve_device, run_main
 
 log = logging.getLogger("htr")
 TUNE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
@@ -137,8 +135,7 @@ def evaluate(cfg, checkpoint) -> dict:
     if cfg.decode.llm_rescore and cfg.decode.mode != "beam":
         raise UserError("decode.llm_rescore=true rescores beam-search n-best lists: add decode.mode=beam")
     device = resolve_device(cfg.device)
-    model, charset, _ = load_model(cfg, checkpoint)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model, charset = load_recognizer(cfg, checkpoint, cfg.runtime, device, channels_last=True)
     loader = make_loader(cfg, cfg.eval.split, charset)
     out = predict(model, loader, charset, channels_last=True)
     out["greedy"] = out.pop("hyps")
@@ -168,13 +165,7 @@ def write_outputs(out_dir: Path, split: str, report: dict, rows: list) -> None:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    cfg_path, overrides, extra = split_cli(sys.argv[1:] if argv is None else argv)
-    if extra:
-        raise UserError(f"unexpected arguments {extra}; evaluate.py takes config.yaml and key=value overrides")
-    cfg = load_config(cfg_path, overrides)
-    if not cfg.resume:
-        raise UserError("no checkpoint given: add resume=PATH/TO/best.pt")
+    cfg, _ = config_from_cli(argv, "evaluate.py", need_resume=True)
     report = evaluate(cfg, cfg.resume)
     for mode in ("greedy", "beam", "llm"):
         if mode in report:

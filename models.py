@@ -99,8 +99,7 @@ class HybridBackbone(nn.Module):
 
     def forward(self, x):
         y = self.features(x)                                               # (B, C, H/16, W/8) by default
-        pool = F.adaptive_max_pool2d if self.flattening == "maxpool" else F.adaptive_avg_pool2d
-        return pool(y, (1, y.shape[-1]))                                   # (B, C, 1, T)
+        return y.amax(2, keepdim=True) if self.flattening == "maxpool" else y.mean(2, keepdim=True)  # (B, C, 1, T)
 
 
 class CTCOutput(NamedTuple):

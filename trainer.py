@@ -21,8 +21,8 @@ from tqdm import tqdm
 from dataset import Collate, LineDataset, seed_worker
 from models import HTRNet, parameter_report
 from runlog import RunLog
-from utils import (Charset, UserError, check_compatible, error_rates, load_checkpoint, load_config, predict,
-                   resolve_device, run_main, save_checkpoint, split_cli, to_plain)
+from utils import (Charset, UserError, check_compatible, config_from_cli, error_rates, load_checkpoint, predict,
+                   resolve_device, run_main, save_checkpoint, to_plain)
 
 log = logging.getLogger("htr")
 
@@ -310,11 +310,7 @@ class Trainer:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    cfg_path, overrides, extra = split_cli(sys.argv[1:] if argv is None else argv)
-    if extra:
-        raise UserError(f"unexpected arguments {extra}; trainer.py takes config.yaml and key=value overrides")
-    cfg = load_config(cfg_path, overrides)
+    cfg, _ = config_from_cli(argv, "trainer.py")
     resume = (load_checkpoint(cfg.resume), cfg.resume) if cfg.resume else None
     path = Trainer(cfg, resume).fit()
     log.info("done: %s", path)

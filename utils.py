@@ -1,5 +1,6 @@
 """What the scripts share: config loading, the character set, CTC greedy decoding, metrics, checkpoint I/O."""
 import difflib
+import logging
 import os
 import sys
 import unicodedata
@@ -13,8 +14,9 @@ class UserError(Exception):
     """A problem the user can fix (bad config, missing file, ...): printed as one line, no traceback."""
 
 
-def run_main(main):
+def run_main(main, log_level=logging.INFO):
     """Call main(); turn a UserError into one readable line on stderr and exit status 2."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         main()
     except UserError as e:
@@ -75,6 +77,17 @@ def split_cli(argv) -> tuple:
     overrides = [a for a in argv[1:] if "=" in a]
     positionals = [a for a in argv[1:] if "=" not in a]
     return argv[0], overrides, positionals
+
+
+def config_from_cli(argv, script: str, need_resume: bool = False, positionals: bool = False) -> tuple:
+    """`script.py config.yaml [key=value ...] [positional ...]` -> (config, positionals), with clear errors."""
+    cfg_path, overrides, extra = split_cli(sys.argv[1:] if argv is None else argv)
+    if extra and not positionals:
+        raise UserError(f"unexpected arguments {extra}; {script} takes config.yaml and key=value overrides")
+    cfg = load_config(cfg_path, overrides)
+    if need_resume and not cfg.resume:
+        raise UserError("no checkpoint given: add resume=PATH/TO/best.pt")
+    return cfg, extra
 
 
 def to_plain(node):
@@ -210,7 +223,10 @@ def load_model(cfg: DictConfig, path):
 
 @torch.inference_mode()
 def line_log_probs(model, images: torch.Tensor, channels_last: bool = False, autocast_dtype=None) -> list:
-    """Images (B, 1, H, W) -> B arrays of CTC log-probabilities (T, K), float32 numpy, blank = class 0."""
+    """Images (B, 1, H, W) -> B arrays of CTC log-probabilities (T, K), float32 numpy, blank = class 0.
+    `model` is an HTRNet or an onnx_runtime.OnnxRecognizer."""
+    if not isinstance(model, torch.nn.Module):
+        return model.log_probs(images)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     device = next(model.parameters()).device
     images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)

@@ -1,0 +1,69 @@
+"""Run an exported recognizer (export.py) with onnxruntime on the CPU, without PyTorch modules.
+
+The .onnx file is self-contained: besides the graph images (B, 1, H, W) float32 -> log_probs (B, T, K), its
+metadata holds the charset and the preprocessing sizes. OnnxRecognizer.log_probs has the contract of
+utils.line_log_probs, so evaluation and decoding code can use either backend (load_recognizer).
+"""
+from pathlib import Path
+
+import torch
+
+from utils import Charset, UserError, load_model
+
+KEYS = ("htr.charset", "htr.image_height", "htr.image_width")
+
+
+def metadata(charset: Charset, image_height: int, image_width: int) -> dict:
+    """What export.py stores in the ONNX metadata_props (string values)."""
+    return dict(zip(KEYS, (charset.chars, str(image_height), str(image_width))))
+
+
+def open_session(path: Path):
+    import onnxruntime as ort
+    if not path.is_file():
+        raise UserError(f"ONNX model not found: {path} (write one with python export.py config.yaml resume=CKPT)")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:                   # onnxruntime raises its own (pybind) types for unreadable files
+        raise UserError(f"cannot read ONNX model {path}: {str(e).splitlines()[0]}") from None
+
+
+class OnnxRecognizer:
+    """An exported recognizer: .charset, .image_height, .image_width and log_probs(images)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.session = open_session(self.path)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in KEYS if k not in meta]
+        if missing:
+            raise UserError(f"{self.path} lacks the metadata {', '.join(missing)}: export it with export.py")
+        self.charset = Charset(meta["htr.charset"])
+        self.image_height, self.image_width = int(meta["htr.image_height"]), int(meta["htr.image_width"])
+
+    def log_probs(self, images: torch.Tensor) -> list:
+        """Images (B, 1, H, W) -> B arrays of CTC log-probabilities (T, K), float32 numpy, blank = class 0."""
+        if tuple(images.shape[1:]) != (1, self.image_height, self.image_width):
+            raise UserError(f"{self.path} takes images (B, 1, {self.image_height}, {self.image_width}), got "
+                            f"{tuple(images.shape)}; set preproc.image_height/width to the exported sizes")
+        x = images.detach().float().cpu().contiguous().numpy()                # (B, 1, H, W)
+        return list(self.session.run(["log_probs"], {"images": x})[0])     # (B, T, K) -> B x (T, K)
+
+
+def load_recognizer(cfg, path, runtime: str = "torch", device="cpu", channels_last: bool = False) -> tuple:
+    """(recognizer, charset): an eval-mode HTRNet from a .pt checkpoint (runtime torch, on `device`) or an
+    OnnxRecognizer from an exported .onnx (runtime onnx, CPU) whose sizes must match cfg.preproc."""
+    if runtime == "torch":
+        model, charset, _ = load_model(cfg, path)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return model.to(device).to(memory_format=fmt), charset
+    if runtime != "onnx":
+        raise UserError(f"runtime must be torch or onnx, got {runtime!r}")
+    recognizer = OnnxRecognizer(path)
+    exported = (recognizer.image_height, recognizer.image_width)
+    if exported != (cfg.preproc.image_height, cfg.preproc.image_width):
+        raise UserError(f"{path} was exported for {exported[0]}x{exported[1]} lines but preproc is "
+                        f"{cfg.preproc.image_height}x{cfg.preproc.image_width}; use the config it was trained with")
+    return recognizer, recognizer.charset
