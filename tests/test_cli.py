@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from utils import UserError
 
 
 def run(script, *args, ok=True):
@@ -88,36 +89,45 @@ def test_evaluate_rejects_checkpoint_of_other_architecture(trained):
     assert "arch.rnn_layers: checkpoint 2 vs config 3" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_evaluate_beam_with_lm_reports_both_and_tunes_on_val(trained):
+def evaluate_in_process(capsys, *args):
+    """evaluate.py's main in this process (the subprocess round trips above cover the CLI itself)."""
+    import evaluate
+    evaluate.main([str(ROOT / "config.yaml"), *args])
+    return capsys.readouterr().out
+
+
+def test_evaluate_beam_with_lm_reports_both_and_tunes_on_val(trained, capsys, caplog):
     overrides, best, _ = trained
-    proc = run("evaluate.py", *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
-               "decode.tune=true", "decode.lm_order=3", "decode.workers=1")
-    assert "test (greedy): CER" in proc.stdout and "test (beam): CER" in proc.stdout
-    assert "tune on val" in proc.stderr
+    with caplog.at_level("INFO", logger="htr"):
+        out = evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
+                                  "decode.tune=true", "decode.lm_order=3", "decode.workers=1")
+    assert "test (greedy): CER" in out and "test (beam): CER" in out
+    assert "tune on val" in caplog.text
     report = json.loads((best.parent / "eval_test.json").read_text())
     assert report["beam_settings"]["val_tuning"] and report["cer"] == report["beam"]["cer"]
     assert set(report["confidence"]) == {"cer_lowest_confidence_decile", "cer_other_lines"}
     assert (best.parent / "char_lm.json.gz").is_file()
-    again = run("evaluate.py", *overrides, f"resume={best}", "decode.mode=beam", "decode.workers=1")
-    assert "test (beam): CER" in again.stdout                           # reuses the saved LM
+    again = evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.mode=beam", "decode.workers=1")
+    assert "test (beam): CER" in again                                 # reuses the saved LM
 
 
 def test_evaluate_bad_lm_file_is_clear(trained, tmp_path):
     overrides, best, _ = trained
     bad = tmp_path / "lm.json"
     bad.write_text("{not json")
-    proc = run("evaluate.py", *overrides, f"resume={best}", "decode.mode=beam", f"decode.lm_path={bad}", ok=False)
-    assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(UserError, match=str(bad)):
+        evaluate_in_process(None, *overrides, f"resume={best}", "decode.mode=beam", f"decode.lm_path={bad}")
 
 
-def test_evaluate_llm_rescoring_reports_three_decodings(trained, tmp_path):
+def test_evaluate_llm_rescoring_reports_three_decodings(trained, tmp_path, capsys):
     from prepare_llm import write_tiny
     overrides, best, _ = trained
     write_tiny("tiny-llama", tmp_path / "tiny-llama")
-    proc = run("evaluate.py", *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
-               "decode.lm_order=3", "decode.workers=1", "decode.llm_rescore=true", f"llm.name={tmp_path / 'tiny-llama'}")
-    assert "test (llm): CER" in proc.stdout
+    out = evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
+                              "decode.lm_order=3", "decode.workers=1", "decode.llm_rescore=true",
+                              f"llm.name={tmp_path / 'tiny-llama'}")
+    assert "test (llm): CER" in out
     report = json.loads((best.parent / "eval_test.json").read_text())
     assert report["decoding"] == "llm" and "beta" in report["beam_settings"]["llm_rescore"]
-    proc = run("evaluate.py", *overrides, f"resume={best}", "decode.llm_rescore=true", ok=False)
-    assert "add decode.mode=beam" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(UserError, match="add decode.mode=beam"):
+        evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.llm_rescore=true")
