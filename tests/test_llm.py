@@ -173,3 +173,14 @@ def test_loss_falls_when_training_connector(model_dirs):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_llama3b_shaped_config_has_3b_parameters():
+    import torch
+    from transformers import AutoModelForCausalLM
+    from prepare_llm import llama3b_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(llama3b_config(1, 2), dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    assert 3.1e9 < n < 3.3e9 and model.config.hidden_size == 3072          # 6.4 GB in bf16
+    assert next(model.parameters()).dtype == torch.bfloat16
