@@ -39,13 +39,18 @@ def write_split(root: Path, split: str, texts) -> Path:
     return d
 
 
-@pytest.fixture
-def tiny_data(tmp_path) -> Path:
-    root = tmp_path / "lines"
+def tiny_setup(tmp: Path, run_name: str = "tiny", test_texts=WORDS[:2] + WORDS[8:]) -> tuple:
+    """A tiny dataset under tmp/lines and the overrides that train on it into tmp/runs/<run_name>."""
+    root = tmp / "lines"
     write_split(root, "train", WORDS[:8])
     write_split(root, "val", WORDS[8:])
-    write_split(root, "test", WORDS[:2] + WORDS[8:])
-    return root
+    write_split(root, "test", test_texts)
+    return root, TINY + [f"data.path={root}", f"model.save_dir={tmp / 'runs'}", f"model.run_name={run_name}"]
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return tiny_setup(tmp_path)[0]
 
 
 @pytest.fixture

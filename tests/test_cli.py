@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tiny_setup
 from utils import UserError
 
 
@@ -22,13 +22,8 @@ def run(script, *args, ok=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny run shared by the CLI tests: (overrides, checkpoint, data root)."""
-    import conftest
     tmp = tmp_path_factory.mktemp("cli")
-    root = tmp / "lines"
-    conftest.write_split(root, "train", conftest.WORDS[:8])
-    conftest.write_split(root, "val", conftest.WORDS[8:])
-    conftest.write_split(root, "test", ["ab", "abz"])                   # 'z' is not in the charset
-    overrides = conftest.TINY + [f"data.path={root}", f"model.save_dir={tmp / 'runs'}", "model.run_name=cli"]
+    root, overrides = tiny_setup(tmp, "cli", test_texts=["ab", "abz"])  # 'z' is not in the charset
     run("trainer.py", *overrides, "train.num_epochs=2")
     return overrides, tmp / "runs" / "cli" / "best.pt", root
 

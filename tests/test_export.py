@@ -23,11 +23,8 @@ CONFIG = ROOT / "config.yaml"
 def exported(tmp_path_factory):
     """A tiny model trained one epoch in-process and exported by export.main: (overrides, model, charset, onnx)."""
     tmp = tmp_path_factory.mktemp("export")
-    root = tmp / "lines"
-    conftest.write_split(root, "train", conftest.WORDS[:8])
-    conftest.write_split(root, "val", conftest.WORDS[8:])
-    overrides = conftest.TINY + [f"data.path={root}", f"model.save_dir={tmp / 'runs'}", "model.run_name=onnx",
-                                 "train.num_epochs=1"]
+    _, overrides = conftest.tiny_setup(tmp, "onnx")
+    overrides.append("train.num_epochs=1")
     Trainer(load_config(CONFIG, overrides)).fit()
     best = tmp / "runs" / "onnx" / "best.pt"
     overrides.append(f"resume={best}")
