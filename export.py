@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from onnx_runtime import OnnxRecognizer, metadata
-from utils import Charset, UserError, line_log_probs, load_config, load_model, run_main, split_cli
+from utils import Charset, UserError, config_from_cli, line_log_probs, load_model, run_main
 
 OPSET = 17
 TOLERANCE = 1e-3          # max abs log-prob difference to PyTorch accepted by the export check
@@ -106,15 +106,12 @@ def benchmark_onnx(cfg, batch: int = 32, steps: int = 2, repeats: int = 3) -> di
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--benchmark"]:
-        cfg_path, overrides, _ = split_cli(argv[1:])
-        print(json.dumps(benchmark_onnx(load_config(cfg_path, overrides)), indent=2))
+        cfg, _ = config_from_cli(argv[1:], "export.py --benchmark")
+        print(json.dumps(benchmark_onnx(cfg), indent=2))
         return
-    cfg_path, overrides, outputs = split_cli(argv)
+    cfg, outputs = config_from_cli(argv, "export.py", need_resume=True, positionals=True)
     if len(outputs) > 1:
         raise UserError(f"expected at most one output path, got {outputs}")
-    cfg = load_config(cfg_path, overrides)
-    if not cfg.resume:
-        raise UserError("no checkpoint given: add resume=PATH/TO/best.pt")
     model, charset, _ = load_model(cfg, cfg.resume)
     path = Path(outputs[0]) if outputs else Path(cfg.resume).parent / "model.onnx"
     _, diff = export_checked(model, charset, cfg.preproc.image_height, cfg.preproc.image_width, path)

@@ -1,4 +1,4 @@
-"""What the scripts share: config loading, the character set, CTC greedy decoding, metrics, checkpoint I/O."""
+"""What the scripts share: config and CLI, the character set, metrics, checkpoint I/O, CTC log-probs of a batch."""
 import difflib
 import logging
 import os
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
 
 class UserError(Exception):
     """A problem the user can fix (bad config, missing file, ...): printed as one line, no traceback."""
