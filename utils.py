@@ -210,14 +210,15 @@ def check_compatible(ckpt: dict, cfg: DictConfig, path, charset: Charset = None)
 
 
 def load_model(cfg: DictConfig, path):
-    """Build the recognizer from a checkpoint (eval mode): (model, charset, checkpoint dict)."""
-    from models import HTRNet
+    """Build the recognizer from a checkpoint for inference (eval mode, BatchNorm folded into the convolutions):
+    (model, charset, checkpoint dict)."""
+    from models import HTRNet, fuse_conv_bn
     ckpt = load_checkpoint(path)
     check_compatible(ckpt, cfg, path)
     charset = Charset(ckpt["charset"])
     model = HTRNet(cfg.arch, len(charset))
     model.load_state_dict(ckpt["model"])
-    return model.eval(), charset, ckpt
+    return fuse_conv_bn(model.eval()), charset, ckpt
 
 
 # ------------------------------------------------------------------------------------------------------ inference

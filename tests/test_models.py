@@ -74,3 +74,18 @@ def test_parameter_report_adds_up(tiny_overrides):
     model = HTRNet(load_config(ROOT / "config.yaml", tiny_overrides).arch, n_classes=10)
     report = parameter_report(model)
     assert report["backbone"] + report["head"] == report["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_fusing_batchnorm_keeps_outputs(tiny_overrides):
+    import copy
+    from models import fuse_conv_bn
+    torch.manual_seed(0)
+    model = HTRNet(load_config(ROOT / "config.yaml", tiny_overrides).arch, n_classes=10)
+    model.train()
+    model(torch.rand(4, 1, 32, 256))                        # non-trivial running statistics
+    model.eval()
+    fused = fuse_conv_bn(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.rand(2, 1, 32, 256)
+    with torch.inference_mode():
+        assert torch.allclose(model(x).logits, fused(x).logits, atol=1e-4)
