@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from decoding import CharNgramLM, corpus_cer, decode_batch, greedy_decode
+from decoding import CharNgramLM, decode_batch, greedy_decode
+from utils import corpus_cer
 
 CHARSET = " " + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "0123456789" + ".,;:'\"!?()-&/#*+"
 CONFUSABLE = ["ec", "ao", "nu", "il", "rn", "vu", "hb", "gq", "O0", "l1", ".,", "mw", "tf"]
@@ -148,9 +149,9 @@ def main():
         "beam_lm_lines_per_s_1_worker": serial_rate,
         f"beam_lm_lines_per_s_{args.workers}_workers": pool_rate,
         "beam_lm_lines_per_cpu_s": {"serial": serial_cpu, "pool": pool_cpu},
-        "cer": {"greedy": round(corpus_cer(greedy, refs), 4),
-                "beam_no_lm": round(corpus_cer([b[0][0] for b in beam_only], refs), 4),
-                "beam_lm": round(corpus_cer([b[0][0] for b in serial], refs), 4)},
+        "cer": {"greedy": round(corpus_cer(refs, greedy), 4),
+                "beam_no_lm": round(corpus_cer(refs, [b[0][0] for b in beam_only]), 4),
+                "beam_lm": round(corpus_cer(refs, [b[0][0] for b in serial]), 4)},
     }, indent=1))
 
 

@@ -16,7 +16,8 @@ import multiprocessing as mp
 from collections import Counter, defaultdict
 
 import numpy as np
-from rapidfuzz.distance import Levenshtein
+
+from utils import corpus_cer
 
 log = logging.getLogger(__name__)
 
@@ -424,12 +425,6 @@ def decode_batch(log_probs_list, charset, lm: CharNgramLM = None, cfg=None, work
         return pool.map(_decode_in_worker, log_probs_list, chunksize=chunksize)
 
 
-def corpus_cer(hyps, refs) -> float:
-    """Total character edit distance / total reference length."""
-    edits = sum(Levenshtein.distance(h, r) for h, r in zip(hyps, refs))
-    return edits / max(1, sum(len(r) for r in refs))
-
-
 def tune_lm_weights(val_log_probs, val_refs, charset, lm: CharNgramLM, weights, bonuses, cfg=None,
                     workers: int = 1) -> tuple:
     """Grid search of (lm_weight, lm_bonus) minimising corpus CER of the 1-best on a validation set.
@@ -439,7 +434,7 @@ def tune_lm_weights(val_log_probs, val_refs, charset, lm: CharNgramLM, weights, 
         for b in bonuses:
             run_cfg = {**_beam_kwargs(cfg), "lm_weight": w, "lm_bonus": b}
             nbest = decode_batch(val_log_probs, charset, lm, run_cfg, workers)
-            cer = corpus_cer([n[0][0] if n else "" for n in nbest], val_refs)
+            cer = corpus_cer(val_refs, [n[0][0] if n else "" for n in nbest])
             table.append({"lm_weight": w, "lm_bonus": b, "cer": cer})
             log.info("LM tuning: weight %.3g bonus %.3g -> CER %.4f", w, b, cer)
     best = min(table, key=lambda r: r["cer"])

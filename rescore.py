@@ -15,9 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from decoding import corpus_cer
 from llm import IGNORE, FrozenCausalLM, LLMLoadError, build_lm_batch
-from utils import UserError
+from utils import UserError, corpus_cer
 
 log = logging.getLogger("htr")
 BETAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -78,7 +77,7 @@ def tune_beta(nbest_val, refs_val, llm_scores_fn, betas=BETAS) -> tuple:
     """Grid search of beta minimising corpus CER on val (first in grid order on ties).
     Returns (best_beta, table) with table = [{"beta", "cer"}] in grid order."""
     llm_logp = candidate_scores(nbest_val, llm_scores_fn)  # the only LLM calls: the grid itself is cheap
-    table = [{"beta": b, "cer": corpus_cer(pick_best(nbest_val, llm_logp, b), refs_val)} for b in betas]
+    table = [{"beta": b, "cer": corpus_cer(refs_val, pick_best(nbest_val, llm_logp, b))} for b in betas]
     best = min(table, key=lambda r: r["cer"])
     return best["beta"], table
 

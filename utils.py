@@ -157,14 +157,22 @@ def tokenize_words(text: str, mode: str) -> list:
     return _TOKENIZER.tokenize(text)
 
 
+def edit_totals(refs, hyps) -> tuple:
+    """(total edit distance, total reference length) over paired sequences: strings or token lists."""
+    from rapidfuzz.distance import Levenshtein
+    return sum(Levenshtein.distance(r, h) for r, h in zip(refs, hyps)), sum(len(r) for r in refs)
+
+
+def corpus_cer(refs, hyps) -> float:
+    edits, length = edit_totals(refs, hyps)
+    return edits / max(length, 1)
+
+
 def error_rates(refs, hyps, wer_mode: str = "tokenizer") -> dict:
     """Corpus CER and WER: total edit distance / total reference length."""
-    from rapidfuzz.distance import Levenshtein
-    char_err = sum(Levenshtein.distance(r, h) for r, h in zip(refs, hyps))
-    char_len = sum(len(r) for r in refs)
-    ref_words = [tokenize_words(r, wer_mode) for r in refs]
-    word_err = sum(Levenshtein.distance(r, tokenize_words(h, wer_mode)) for r, h in zip(ref_words, hyps))
-    word_len = sum(len(r) for r in ref_words)
+    char_err, char_len = edit_totals(refs, hyps)
+    word_err, word_len = edit_totals([tokenize_words(r, wer_mode) for r in refs],
+                                     [tokenize_words(h, wer_mode) for h in hyps])
     return {"cer": char_err / max(char_len, 1), "wer": word_err / max(word_len, 1),
             "char_errors": char_err, "chars": char_len, "word_errors": word_err, "words": word_len}
 
