@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from dataset import Collate, LineDataset, read_gt
 from onnx_runtime import load_recognizer
-from utils import UserError, config_from_cli, error_rates, predict, resolve_device, run_main
+from utils import UserError, config_from_cli, error_rates, predict, resolve_device, run_main, use_fixed_size_kernels
 
 log = logging.getLogger("htr")
 TUNE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
@@ -135,6 +135,7 @@ def evaluate(cfg, checkpoint) -> dict:
     if cfg.decode.llm_rescore and cfg.decode.mode != "beam":
         raise UserError("decode.llm_rescore=true rescores beam-search n-best lists: add decode.mode=beam")
     device = resolve_device(cfg.device)
+    use_fixed_size_kernels(device)
     model, charset = load_recognizer(cfg, checkpoint, cfg.runtime, device, channels_last=True)
     loader = make_loader(cfg, cfg.eval.split, charset)
     out = predict(model, loader, charset, channels_last=True)

@@ -22,7 +22,8 @@ from dataset import Collate, LineDataset, seed_worker
 from models import HTRNet, parameter_report
 from runlog import RunLog
 from utils import (Charset, UserError, check_compatible, config_from_cli, error_rates, load_checkpoint, predict,
-                   resolve_device, run_main, save_checkpoint, to_plain)
+                   resolve_device, run_main, save_checkpoint, to_plain, train_memory_format,
+                   use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
 
@@ -62,6 +63,7 @@ def git_commit() -> str:
 def make_accelerator(cfg):
     from accelerate import Accelerator
     device = resolve_device(cfg.device)
+    use_fixed_size_kernels(device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     mp = cfg.train.mixed_precision
@@ -91,8 +93,8 @@ class Trainer:
         self.epoch, self.step, self.best_cer, self.bad_validations = 0, 0, math.inf, 0
         if resume_ckpt is not None:
             self._restore(*resume_ckpt)
-        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        self.model = self.model.to(memory_format=fmt)
+        self.fmt = train_memory_format(cfg.train.channels_last, self.acc.device)
+        self.model = self.model.to(memory_format=self.fmt)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if self.llm is not None:
             self.llm = self.acc.prepare(self.llm)                          # autocast (and DDP on several GPUs)
@@ -232,13 +234,12 @@ class Trainer:
             self.llm.train()                                               # connector dropout; the LLM stays eval
         if self.cfg.train.num_workers == 0:
             self.train_set.reseed(int(torch.randint(2**31, (1,), generator=self.loader_rng)))
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         sums, lines, t0 = {}, 0, time.perf_counter()
         bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}", leave=False, disable=not self.acc.is_main_process)
         for images, targets, lengths, texts, _ in bar:
             if self._stop_requested():
                 return None
-            images = images.to(self.acc.device, non_blocking=True).contiguous(memory_format=fmt)
+            images = images.to(self.acc.device, non_blocking=True).contiguous(memory_format=self.fmt)
             losses = self.loss(images, targets, lengths, texts)
             self.optimizer.zero_grad(set_to_none=True)
             self.acc.backward(losses["total"])
@@ -262,7 +263,7 @@ class Trainer:
         loader = DataLoader(self.val_set, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.eval.num_workers,
                             collate_fn=Collate(self.charset))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.acc.mixed_precision)
-        out = predict(model, loader, self.charset, self.cfg.train.channels_last, dtype)
+        out = predict(model, loader, self.charset, self.fmt == torch.channels_last, dtype)
         metrics = error_rates(out["refs"], out["hyps"], self.cfg.eval.wer_mode)
         return {"val_cer": metrics["cer"], "val_wer": metrics["wer"]}
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from utils import Charset, UserError, error_rates, load_config, resolve_device, save_checkpoint, split_cli
+from utils import (Charset, UserError, error_rates, load_config, resolve_device, save_checkpoint, split_cli,
+                   train_memory_format)
 
 CONFIG = ROOT / "config.yaml"
 
@@ -47,6 +48,16 @@ def test_cuda_without_cuda_is_clear():
     with pytest.raises(UserError, match="device=cuda but CUDA is not available"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_train_memory_format_auto_is_channels_last_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train_memory_format("auto", cpu) == torch.contiguous_format
+    assert train_memory_format("auto", cuda) == torch.channels_last
+    assert train_memory_format(True, cpu) == torch.channels_last
+    assert train_memory_format(False, cuda) == torch.contiguous_format
+    with pytest.raises(UserError, match="train.channels_last must be true, false or auto, got 'yes'"):
+        train_memory_format("yes", cpu)
 
 
 def test_charset_round_trip_and_unknown_chars():
