@@ -1,24 +1,28 @@
 """Export the recognizer (backbone + CTC head, no LLM) to ONNX and check it against PyTorch.
 
     python export.py config.yaml resume=run/best.pt [out.onnx]      # default: model.onnx beside the checkpoint
-    python export.py --benchmark config.yaml [key=value ...]         # eval lines/s: PyTorch eager vs onnxruntime
+    python export.py config.yaml resume=run/best.pt export.int8=true   # model.int8.onnx, calibrated on real lines
 
 The graph maps `images` (B, 1, H, W) float32 to `log_probs` (B, T, K) (log-softmax, class 0 = CTC blank) with a
 dynamic batch axis; the charset and preprocessing sizes go into the file's metadata (read by onnx_runtime.py).
 Uses the TorchScript exporter (dynamo=False): the torch.export-based one needs onnxscript, not a dependency here.
+export.int8 quantizes the convolutions statically (onnxruntime.quantization); benchmark.py times both files.
 """
-import json
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from dataset import LineDataset
+from decoding import greedy_decode
 from onnx_runtime import OnnxRecognizer, metadata
-from utils import Charset, UserError, config_from_cli, line_log_probs, load_model, run_main
+from utils import Charset, UserError, config_from_cli, corpus_cer, line_log_probs, load_model, run_main
 
 OPSET = 17
 TOLERANCE = 1e-3          # max abs log-prob difference to PyTorch accepted by the export check
@@ -39,7 +43,6 @@ class LogProbs(nn.Module):
 
 def export(model, charset: Charset, image_height: int, image_width: int, path) -> Path:
     """Write the ONNX file (graph + metadata) for an eval-mode HTRNet on the CPU."""
-    import onnx
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.rand(2, 1, image_height, image_width)
@@ -76,47 +79,78 @@ def export_checked(model, charset: Charset, image_height: int, image_width: int,
     return recognizer, diff
 
 
-# ------------------------------------------------------------------------------------------------------ benchmark
+# ----------------------------------------------------------------------------------------------------------- int8
 
-def benchmark_onnx(cfg, batch: int = 32, steps: int = 2, repeats: int = 3) -> dict:
-    """Eval lines/s at one batch size: PyTorch eager (channels_last, inference_mode) vs onnxruntime, CPU,
-    random-init model of cfg.arch; best of `repeats` (shared machines are noisy)."""
-    from benchmark import N_CLASSES, timed
-    from models import HTRNet
-    torch.manual_seed(0)
-    model = HTRNet(cfg.arch, N_CLASSES).eval()
-    charset = Charset("".join(chr(0x21 + i) for i in range(N_CLASSES - 1)))
-    h, w = cfg.preproc.image_height, cfg.preproc.image_width
-    x = torch.rand(batch, 1, h, w)
+class Feeds(CalibrationDataReader):
+    """onnxruntime's calibration interface over a list of {"images": (b, 1, H, W) float32} feeds."""
+
+    def __init__(self, feeds: list):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def calibration_feeds(cfg, batch: int = 16) -> list:
+    """export.calib_lines preprocessed lines of export.calib_split (evenly spaced), as onnxruntime feeds."""
+    data = LineDataset(cfg.data.path, cfg.export.calib_split, cfg.preproc.image_height, cfg.preproc.image_width,
+                       cache=cfg.data.cache)
+    n = min(int(cfg.export.calib_lines), len(data))
+    if n < 1:
+        raise UserError(f"export.calib_lines must be at least 1, got {cfg.export.calib_lines}")
+    images = torch.stack([data[int(i)][0] for i in np.linspace(0, len(data) - 1, n).round()]).numpy()  # (n,1,H,W)
+    return [{"images": images[i:i + batch]} for i in range(0, n, batch)]
+
+
+def quantize_int8(fp32_path, path, feeds: list) -> Path:
+    """Static int8 quantization of the convolutions (QDQ: per-channel int8 weights, uint8 activations whose ranges
+    are calibrated (MinMax) on `feeds`). Attention, LSTM and classifier stay fp32: in int8 they ran slower here."""
+    path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
-        recognizer, diff = export_checked(model, charset, h, w, Path(tmp) / "model.onnx")
-        model = model.to(memory_format=torch.channels_last)
-        runs = {"torch_eager": lambda: line_log_probs(model, x, channels_last=True),
-                "onnxruntime": lambda: recognizer.log_probs(x)}
-        cpu = torch.device("cpu")
-        speed = {name: batch / min(timed(fn, cpu, steps) for _ in range(repeats)) for name, fn in runs.items()}
-    return {"input": [batch, 1, h, w], "threads": torch.get_num_threads(), "max_abs_diff": diff,
-            **{f"{name}_lines_per_s": round(v, 2) for name, v in speed.items()},
-            "onnx_speedup": round(speed["onnxruntime"] / speed["torch_eager"], 3),
-            "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}}
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(path), Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props})
+    onnx.save(graph, str(path))
+    return path
+
+
+def transcription_change(reference: OnnxRecognizer, quantized: OnnxRecognizer, feeds: list) -> float:
+    """CER of the int8 model's greedy transcriptions against the fp32 model's on the same lines."""
+    refs, hyps = [], []
+    for feed in feeds:
+        x = torch.from_numpy(feed["images"])
+        refs += [greedy_decode(lp, reference.charset) for lp in reference.log_probs(x)]
+        hyps += [greedy_decode(lp, quantized.charset) for lp in quantized.log_probs(x)]
+    return corpus_cer(refs, hyps)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--benchmark"]:
-        cfg, _ = config_from_cli(argv[1:], "export.py --benchmark")
-        print(json.dumps(benchmark_onnx(cfg), indent=2))
-        return
     cfg, outputs = config_from_cli(argv, "export.py", need_resume=True, positionals=True)
     if len(outputs) > 1:
         raise UserError(f"expected at most one output path, got {outputs}")
     model, charset, _ = load_model(cfg, cfg.resume)
-    path = Path(outputs[0]) if outputs else Path(cfg.resume).parent / "model.onnx"
-    _, diff = export_checked(model, charset, cfg.preproc.image_height, cfg.preproc.image_width, path)
-    print(f"{path}: {path.stat().st_size / 2**20:.1f} MB, max abs log-prob diff vs PyTorch {diff:.1e} "
-          f"(batches of 2 and 3)")
+    name = "model.int8.onnx" if cfg.export.int8 else "model.onnx"
+    path = Path(outputs[0]) if outputs else Path(cfg.resume).parent / name
+    h, w = cfg.preproc.image_height, cfg.preproc.image_width
+    if not cfg.export.int8:
+        _, diff = export_checked(model, charset, h, w, path)
+        print(f"{path}: {path.stat().st_size / 2**20:.1f} MB, max abs log-prob diff vs PyTorch {diff:.1e} "
+              f"(batches of 2 and 3)")
+        return
+    feeds = calibration_feeds(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, _ = export_checked(model, charset, h, w, Path(tmp) / "fp32.onnx")
+        int8 = OnnxRecognizer(quantize_int8(fp32.path, path, feeds))
+        change = transcription_change(fp32, int8, feeds)
+    lines = sum(len(f["images"]) for f in feeds)
+    print(f"{path}: {path.stat().st_size / 2**20:.1f} MB, int8 convolutions calibrated on {lines} lines of "
+          f"{cfg.export.calib_split}; greedy transcriptions change by CER {change:.2%} vs fp32 on those lines "
+          f"(measure accuracy with evaluate.py runtime=onnx resume={path})")
 
 
 if __name__ == "__main__":

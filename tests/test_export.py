@@ -67,6 +67,46 @@ def test_cli_writes_the_named_file_and_summary(exported, tmp_path):
     assert out.is_file() and proc.stdout.startswith(f"{out}: ") and "max abs log-prob diff" in proc.stdout
 
 
+@pytest.fixture(scope="module")
+def int8(exported, tmp_path_factory):
+    """export.main with export.int8=true, calibrated on 6 train lines: (overrides, stdout, int8 path)."""
+    overrides, _, _, _ = exported
+    out = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
+    proc = subprocess.run([sys.executable, str(ROOT / "export.py"), str(CONFIG), *overrides, "export.int8=true",
+                           "export.calib_lines=6", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return overrides, proc.stdout, out
+
+
+def test_int8_export_quantizes_the_convolutions_and_keeps_the_metadata(int8, exported):
+    _, stdout, path = int8
+    assert stdout.startswith(f"{path}: ") and "int8 convolutions calibrated on 6 lines of train" in stdout
+    graph = onnx.load(str(path))
+    ops = {node.op_type for node in graph.graph.node}
+    int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    convs = [n for n in onnx.load(str(exported[3])).graph.node if n.op_type == "Conv"]
+    assert {"QuantizeLinear", "DequantizeLinear", "LSTM"} <= ops and len(int8_weights) == len(convs)
+    assert OnnxRecognizer(path).charset.chars == exported[2].chars
+
+
+def test_int8_model_stays_close_to_fp32(int8, exported):
+    _, _, path = int8
+    _, model, _, _ = exported
+    recognizer = OnnxRecognizer(path)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 1, recognizer.image_height, recognizer.image_width, generator=gen)
+    for q, ref in zip(recognizer.log_probs(images), line_log_probs(model, images)):
+        assert q.shape == ref.shape
+        assert np.abs(np.exp(q) - np.exp(ref)).mean() < 0.01          # mean abs difference of the posteriors
+
+
+def test_int8_calibration_on_a_missing_split_is_a_clear_error(exported):
+    overrides, _, _, _ = exported
+    cfg = load_config(CONFIG, overrides + ["export.calib_split=nosuch"])
+    with pytest.raises(UserError, match="nosuch"):
+        export.calibration_feeds(cfg)
+
+
 def test_corrupt_or_foreign_onnx_is_a_clear_error(exported, tmp_path):
     _, _, _, path = exported
     bad = tmp_path / "bad.onnx"
