@@ -1,21 +1,27 @@
 """Throughput benchmark, JSON on stdout: python benchmark.py [config.yaml] [key=value ...] [--steps N] [--compile]
 
 Measures, in one process, a plain baseline (fp32, eager, NCHW, no_grad) and the tuned path the scripts use
-(channels_last, inference_mode, bf16 autocast on CUDA, optional torch.compile), and prints their ratios: these
-machines are noisy and only same-run ratios are stable. Train = forward + backward + optimizer step at
-train.batch_size on random (B, 1, H, W) lines; eval = batched forward at eval.batch_size; demo = one line.
+(train.channels_last, BatchNorm folded and channels_last for inference, inference_mode, bf16 autocast and
+cudnn.benchmark on CUDA, optional torch.compile), and on the CPU the exported model in onnxruntime (fp32 and int8,
+as export.py writes them), and prints their ratios: these machines are noisy and only same-run ratios are stable.
+Train = forward + backward + optimizer step at train.batch_size on random (B, 1, H, W) lines; eval = batched
+forward at eval.batch_size; demo = one line. achieved_gflops = lines/s x the forward's FLOPs (x3 for a train
+step), to compare with what the machine's convolutions and matmuls can do.
 """
 import argparse
 import json
 import platform
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from models import HTRNet, fuse_conv_bn, parameter_report
 from trainer import ctc_loss
-from utils import load_config, resolve_device
+from utils import Charset, load_config, resolve_device, train_memory_format, use_fixed_size_kernels
 
 N_CLASSES = 80          # IAM-sized charset + blank
 LLM_TEXT = "A MOVE to stop Mr. Gaitskell from nominating any more Labour life Peers"   # an IAM-length line
@@ -45,7 +51,7 @@ class Variant:
         torch.manual_seed(0)
         self.llm, self.llm_ratio = llm, cfg.train.llm_sample_ratio
         self.device, self.tuned = device, tuned
-        self.fmt = torch.channels_last if tuned else torch.contiguous_format
+        self.fmt = train_memory_format(cfg.train.channels_last, device) if tuned else torch.contiguous_format
         self.model = HTRNet(cfg.arch, N_CLASSES).to(device).to(memory_format=self.fmt)
         self.dtype = torch.bfloat16 if tuned and device.type == "cuda" else None
         self.compiled = compile_model
@@ -86,14 +92,46 @@ def measure(variant: Variant, cfg, steps: int) -> dict:
     h, w = cfg.preproc.image_height, cfg.preproc.image_width
     bt, be = cfg.train.batch_size, cfg.eval.batch_size
     train_batch = variant.batch(bt, h, w, with_targets=True)
-    eval_batch, one = variant.batch(be, h, w), variant.batch(1, h, w)
     train = bt / timed(lambda: variant.train_step(*train_batch), variant.device, steps)
-    if variant.tuned:                          # evaluate.py / demo.py fold BatchNorm into the convolutions
-        variant.model = fuse_conv_bn(variant.model.eval())
+    if variant.tuned:                          # evaluate.py / demo.py: BatchNorm folded, channels_last
+        variant.fmt = torch.channels_last
+        variant.model = fuse_conv_bn(variant.model.eval()).to(memory_format=variant.fmt)
         variant.forward = torch.compile(variant.model) if variant.compiled else variant.model
+    eval_batch, one = variant.batch(be, h, w), variant.batch(1, h, w)
     return {"train_lines_per_s": train,
             "eval_lines_per_s": be / timed(lambda: variant.infer(eval_batch), variant.device, steps),
             "demo_ms_per_line": 1000 * timed(lambda: variant.infer(one), variant.device, 3 * steps)}
+
+
+def measure_onnx(cfg, steps: int) -> dict:
+    """Eval lines/s of the exported model in onnxruntime (CPU), fp32 and int8 (export.int8's quantization,
+    calibrated here on random lines: the activation ranges do not change the speed)."""
+    from export import export, quantize_int8
+    from onnx_runtime import OnnxRecognizer
+    torch.manual_seed(0)
+    model = fuse_conv_bn(HTRNet(cfg.arch, N_CLASSES).eval())
+    charset = Charset("".join(chr(0x21 + i) for i in range(N_CLASSES - 1)))
+    h, w, b = cfg.preproc.image_height, cfg.preproc.image_width, cfg.eval.batch_size
+    x = torch.rand(b, 1, h, w)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export(model, charset, h, w, Path(tmp) / "fp32.onnx")
+        int8 = quantize_int8(fp32, Path(tmp) / "int8.onnx", [{"images": torch.rand(2, 1, h, w).numpy()}])
+        cpu = torch.device("cpu")
+        return {f"eval_lines_per_s_{name}": b / timed(lambda: recognizer.log_probs(x), cpu, steps)
+                for name, recognizer in (("fp32", OnnxRecognizer(fp32)), ("int8", OnnxRecognizer(int8)))}
+
+
+def forward_gflop_per_line(cfg) -> float:
+    """FLOPs of one line's forward pass counted by torch (convolutions and linear layers; not the LSTM cells or
+    attention, a few % here)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        HTRNet(cfg.arch, N_CLASSES).eval()(torch.rand(1, 1, cfg.preproc.image_height, cfg.preproc.image_width))
+    return counter.get_total_flops() / 1e9
+
+
+def achieved_gflops(results: dict, gflop: float) -> dict:
+    return {f"{name}_{kind}": round(r[f"{kind}_lines_per_s"] * gflop * (3 if kind == "train" else 1), 1)
+            for name, r in results.items() for kind in ("train", "eval")}
 
 
 def peak_memory_mb(device) -> float:
@@ -116,9 +154,11 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline = measure(Variant(cfg, device, tuned=False, compile_model=False), cfg, args.steps)
+    use_fixed_size_kernels(device)                # the tuned path, as trainer.py and evaluate.py set it
     tuned_variant = Variant(cfg, device, tuned=True, compile_model=args.compile)
     parameters = parameter_report(tuned_variant.model)
     tuned = measure(tuned_variant, cfg, args.steps)
+    gflop = forward_gflop_per_line(cfg)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -127,8 +167,14 @@ def main():
         "parameters": parameters,
         "baseline": baseline, "tuned": tuned,
         "speedup": {k: (tuned[k] / baseline[k] if "per_s" in k else baseline[k] / tuned[k]) for k in baseline},
+        "forward_gflop_per_line": float(f"{gflop:.4g}"),
+        "achieved_gflops": achieved_gflops({"baseline": baseline, "tuned": tuned}, gflop),
         "peak_memory_mb": peak_memory_mb(device),
     }
+    if device.type == "cpu":
+        onnx = measure_onnx(cfg, args.steps)
+        report["onnxruntime"] = {**onnx, "eval_speedup_vs_baseline": {
+            k.rsplit("_", 1)[1]: v / baseline["eval_lines_per_s"] for k, v in onnx.items()}}
     if args.llm:
         report["llm"] = measure_llm(cfg, device, args.steps, report["tuned"]["train_lines_per_s"])
     print(json.dumps(report, indent=2))

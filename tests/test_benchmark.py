@@ -1,0 +1,24 @@
+"""benchmark.py: one JSON report with the baseline, the tuned path, onnxruntime and consistent ratios."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, TINY
+
+
+def test_benchmark_prints_consistent_json():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), str(ROOT / "config.yaml"), *TINY,
+                           "--steps", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    base, tuned = report["baseline"], report["tuned"]
+    assert set(base) == set(tuned) == {"train_lines_per_s", "eval_lines_per_s", "demo_ms_per_line"}
+    assert all(v > 0 for v in [*base.values(), *tuned.values()])
+    assert abs(report["speedup"]["eval_lines_per_s"] - tuned["eval_lines_per_s"] / base["eval_lines_per_s"]) < 1e-9
+    assert abs(report["speedup"]["demo_ms_per_line"] - base["demo_ms_per_line"] / tuned["demo_ms_per_line"]) < 1e-9
+    assert report["parameters"]["total"] == report["parameters"]["backbone"] + report["parameters"]["head"]
+    assert report["image"] == [32, 256] and report["forward_gflop_per_line"] > 0
+    onnx = report["onnxruntime"]
+    assert onnx["eval_lines_per_s_fp32"] > 0 and onnx["eval_lines_per_s_int8"] > 0
+    int8_ratio = onnx["eval_lines_per_s_int8"] / base["eval_lines_per_s"]
+    assert abs(onnx["eval_speedup_vs_baseline"]["int8"] - int8_ratio) < 1e-9
