@@ -1,8 +1,9 @@
 """Throughput benchmark, JSON on stdout: python benchmark.py [config.yaml] [key=value ...] [--steps N] [--compile]
 
 Measures, in one process, a plain baseline (fp32, eager, NCHW, no_grad) and the tuned path the scripts use
-(train.channels_last, BatchNorm folded and channels_last for inference, inference_mode, bf16 autocast and
-cudnn.benchmark on CUDA, optional torch.compile), and on the CPU the exported model in onnxruntime (fp32 and int8,
+(train.channels_last, BatchNorm folded and channels_last for inference, inference_mode, bf16 autocast per
+train/eval.mixed_precision (auto: where the GPU or CPU has native bf16), cudnn.benchmark on CUDA, optional
+torch.compile), and on the CPU the exported model in onnxruntime (fp32 and int8,
 as export.py writes them), and prints their ratios: these machines are noisy and only same-run ratios are stable.
 Train = forward + backward + optimizer step at train.batch_size on random (B, 1, H, W) lines; eval = batched
 forward at eval.batch_size; demo = one line. achieved_gflops = lines/s x the forward's FLOPs (x3 for a train
@@ -21,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import HTRNet, fuse_conv_bn, parameter_report
 from trainer import ctc_loss
-from utils import Charset, load_config, resolve_device, train_memory_format, use_fixed_size_kernels
+from utils import (Charset, autocast_dtype, load_config, mixed_precision, resolve_device, train_memory_format,
+                   use_fixed_size_kernels)
 
 N_CLASSES = 80          # IAM-sized charset + blank
 LLM_TEXT = "A MOVE to stop Mr. Gaitskell from nominating any more Labour life Peers"   # an IAM-length line
@@ -51,9 +53,10 @@ class Variant:
         torch.manual_seed(0)
         self.llm, self.llm_ratio = llm, cfg.train.llm_sample_ratio
         self.device, self.tuned = device, tuned
-        self.fmt = train_memory_format(cfg.train.channels_last, device) if tuned else torch.contiguous_format
+        self.fmt = self.fmt_train = (train_memory_format(cfg.train.channels_last, device) if tuned
+                                     else torch.contiguous_format)
         self.model = HTRNet(cfg.arch, N_CLASSES).to(device).to(memory_format=self.fmt)
-        self.dtype = torch.bfloat16 if tuned and device.type == "cuda" else None
+        self.dtype = autocast_dtype(cfg.train.mixed_precision, device, "train.mixed_precision") if tuned else None
         self.compiled = compile_model
         self.forward = torch.compile(self.model) if compile_model else self.model
         params = list(self.model.parameters()) + (llm.trainable_parameters() if llm else [])
@@ -93,8 +96,8 @@ def measure(variant: Variant, cfg, steps: int) -> dict:
     bt, be = cfg.train.batch_size, cfg.eval.batch_size
     train_batch = variant.batch(bt, h, w, with_targets=True)
     train = bt / timed(lambda: variant.train_step(*train_batch), variant.device, steps)
-    if variant.tuned:                          # evaluate.py / demo.py: BatchNorm folded, channels_last
-        variant.fmt = torch.channels_last
+    if variant.tuned:                          # evaluate.py / demo.py: BatchNorm folded, channels_last, autocast
+        variant.fmt, variant.dtype = torch.channels_last, autocast_dtype(cfg.eval.mixed_precision, variant.device)
         variant.model = fuse_conv_bn(variant.model.eval()).to(memory_format=variant.fmt)
         variant.forward = torch.compile(variant.model) if variant.compiled else variant.model
     eval_batch, one = variant.batch(be, h, w), variant.batch(1, h, w)
@@ -134,6 +137,13 @@ def achieved_gflops(results: dict, gflop: float) -> dict:
             for name, r in results.items() for kind in ("train", "eval")}
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -160,8 +170,13 @@ def main():
     tuned = measure(tuned_variant, cfg, args.steps)
     gflop = forward_gflop_per_line(cfg)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "tuned_settings": {
+            "train_mixed_precision": mixed_precision(cfg.train.mixed_precision, device, "train.mixed_precision"),
+            "train_channels_last": tuned_variant.fmt_train == torch.channels_last,
+            "eval_mixed_precision": mixed_precision(cfg.eval.mixed_precision, device, "eval.mixed_precision")},
         "image": [cfg.preproc.image_height, cfg.preproc.image_width],
         "train_batch": cfg.train.batch_size, "eval_batch": cfg.eval.batch_size, "compile": args.compile,
         "parameters": parameters,

@@ -9,7 +9,7 @@ from pathlib import Path
 from dataset import load_for_inference
 from decoding import greedy_decode, line_confidence
 from onnx_runtime import load_recognizer
-from utils import UserError, config_from_cli, line_log_probs, resolve_device, run_main
+from utils import UserError, autocast_dtype, config_from_cli, line_log_probs, resolve_device, run_main
 
 
 def ground_truth(image: Path):
@@ -25,13 +25,14 @@ def ground_truth(image: Path):
 
 
 def transcribe(model, charset, paths, cfg) -> list:
+    dtype = autocast_dtype(cfg.eval.mixed_precision, resolve_device(cfg.device))
     results = []
     for path in paths:
         try:
             x = load_for_inference(path, cfg.preproc.image_height, cfg.preproc.image_width)
         except ValueError as e:
             raise UserError(f"{path}: {e} (expected an image file OpenCV can read: png, jpg, tif, ...)") from None
-        log_probs = line_log_probs(model, x.unsqueeze(0))[0]              # (T, K)
+        log_probs = line_log_probs(model, x.unsqueeze(0), True, dtype)[0]  # (T, K)
         results.append((greedy_decode(log_probs, charset), line_confidence(log_probs)))
     return results
 
@@ -41,7 +42,7 @@ def main(argv=None):
     if not images:
         raise UserError("no image given: python demo.py config.yaml resume=CKPT IMG [IMG ...]")
     device = resolve_device(cfg.device)
-    model, charset = load_recognizer(cfg, cfg.resume, cfg.runtime, device)
+    model, charset = load_recognizer(cfg, cfg.resume, cfg.runtime, device, channels_last=True)
     paths = [Path(p) for p in images]
     for path, (text, conf) in zip(paths, transcribe(model, charset, paths, cfg)):
         print(f"{path}\t{text}\t{conf:.3f}")

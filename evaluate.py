@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from dataset import Collate, LineDataset, read_gt
 from onnx_runtime import load_recognizer
-from utils import UserError, config_from_cli, error_rates, predict, resolve_device, run_main, use_fixed_size_kernels
+from utils import (UserError, autocast_dtype, config_from_cli, error_rates, predict, resolve_device, run_main,
+                   use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
 TUNE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
@@ -95,7 +96,7 @@ def beam_decode(cfg, model, charset, out: dict, checkpoint) -> dict:
     lm = load_lm(cfg, charset, checkpoint)
     settings = {k: cfg.decode[k] for k in ("beam", "lm_weight", "lm_bonus", "prune_topk", "prune_threshold",
                                            "blank_skip", "beam_threshold")}
-    val = predict(model, make_loader(cfg, "val", charset), charset, channels_last=True) \
+    val = infer(cfg, model, make_loader(cfg, "val", charset), charset) \
         if cfg.decode.tune or cfg.decode.llm_rescore else None
     if cfg.decode.tune:
         settings.update(tune(cfg, charset, lm, val))
@@ -129,6 +130,12 @@ def make_loader(cfg, split: str, charset) -> DataLoader:
                       collate_fn=Collate(charset))
 
 
+def infer(cfg, model, loader, charset) -> dict:
+    """predict() as evaluation runs it: channels_last, autocast per eval.mixed_precision (PyTorch runtime)."""
+    return predict(model, loader, charset, channels_last=True,
+                   autocast_dtype=autocast_dtype(cfg.eval.mixed_precision, resolve_device(cfg.device)))
+
+
 def evaluate(cfg, checkpoint) -> dict:
     if cfg.decode.mode not in ("greedy", "beam"):
         raise UserError(f"decode.mode must be greedy or beam, got {cfg.decode.mode!r}")
@@ -138,7 +145,7 @@ def evaluate(cfg, checkpoint) -> dict:
     use_fixed_size_kernels(device)
     model, charset = load_recognizer(cfg, checkpoint, cfg.runtime, device, channels_last=True)
     loader = make_loader(cfg, cfg.eval.split, charset)
-    out = predict(model, loader, charset, channels_last=True)
+    out = infer(cfg, model, loader, charset)
     out["greedy"] = out.pop("hyps")
     data = loader.dataset
     report = {"checkpoint": str(checkpoint), "data": str(cfg.data.path), "split": cfg.eval.split,

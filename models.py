@@ -51,6 +51,14 @@ class MobileViTBlock(nn.Module):
         self.project = conv_bn_act(dim, channels, 1)
         self.fuse = conv_bn_act(2 * channels, channels, 3)
 
+    def attend(self, y):
+        """The transformer across patches. Training on the CPU runs it in fp32 even under bf16 autocast: PyTorch's
+        CPU flash-attention backward is ~6x slower in bf16 than in fp32 here (torch 2.13; README, Benchmarks)."""
+        if self.training and y.is_cpu and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.transformer(y.float())
+        return self.transformer(y)
+
     def forward(self, x):
         B, _, H, W = x.shape
         p = self.patch
@@ -59,7 +67,7 @@ class MobileViTBlock(nn.Module):
         d, Hp, Wp = y.shape[1], y.shape[2], y.shape[3]
         nh, nw = Hp // p, Wp // p
         y = y.reshape(B, d, nh, p, nw, p).permute(0, 3, 5, 2, 4, 1)        # (B, p, p, nh, nw, d)
-        y = self.transformer(y.reshape(B * p * p, nh * nw, d))             # (B*p*p, N patches, d)
+        y = self.attend(y.reshape(B * p * p, nh * nw, d))                  # (B*p*p, N patches, d)
         y = y.reshape(B, p, p, nh, nw, d).permute(0, 5, 3, 1, 4, 2)        # (B, d, nh, p, nw, p)
         y = y.reshape(B, d, Hp, Wp)[:, :, :H, :W]                          # (B, d, H, W)
         return self.fuse(torch.cat([x, self.project(y)], dim=1))           # (B, C, H, W)

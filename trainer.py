@@ -21,9 +21,9 @@ from tqdm import tqdm
 from dataset import Collate, LineDataset, seed_worker
 from models import HTRNet, parameter_report
 from runlog import RunLog
-from utils import (Charset, UserError, check_compatible, config_from_cli, error_rates, load_checkpoint, predict,
-                   resolve_device, run_main, save_checkpoint, to_plain, train_memory_format,
-                   use_fixed_size_kernels)
+from utils import (Charset, UserError, autocast_dtype, check_compatible, config_from_cli, error_rates,
+                   load_checkpoint, mixed_precision, predict, resolve_device, run_main, save_checkpoint, to_plain,
+                   train_memory_format, use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
 
@@ -66,11 +66,7 @@ def make_accelerator(cfg):
     use_fixed_size_kernels(device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    if mp not in ("no", "bf16", "fp16"):
-        raise UserError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {mp!r}")
+    mp = mixed_precision(cfg.train.mixed_precision, device, "train.mixed_precision")
     return Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
 
 
@@ -262,7 +258,7 @@ class Trainer:
         model = self.acc.unwrap_model(self.model).eval()
         loader = DataLoader(self.val_set, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.eval.num_workers,
                             collate_fn=Collate(self.charset))
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.acc.mixed_precision)
+        dtype = autocast_dtype(self.acc.mixed_precision, self.acc.device)      # validate as we train
         out = predict(model, loader, self.charset, self.fmt == torch.channels_last, dtype)
         metrics = error_rates(out["refs"], out["hyps"], self.cfg.eval.wer_mode)
         return {"val_cer": metrics["cer"], "val_wer": metrics["wer"]}

@@ -56,3 +56,13 @@ def tiny_data(tmp_path) -> Path:
 @pytest.fixture
 def tiny_overrides(tiny_data, tmp_path) -> list:
     return TINY + [f"data.path={tiny_data}", f"model.save_dir={tmp_path / 'runs'}", "model.run_name=tiny"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change; a trainer script builds one
+    per process, the tests build many (with different train.mixed_precision)."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -45,6 +45,19 @@ def test_mobilevit_attention_is_global_across_patches():
     assert diff > 1e-4
 
 
+@pytest.mark.parametrize("training, dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_mobilevit_attention_trains_in_fp32_under_cpu_bf16_autocast(training, dtype):
+    block = MobileViTBlock(4, 4, dim=8, heads=2, depth=1, mlp_dim=16).train(training)
+    seen = []
+    block.transformer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(torch.rand(2, 4, 8, 32))
+    assert seen == [dtype] and out.shape == (2, 4, 8, 32)
+    if training:
+        out.float().sum().backward()
+        assert all(p.grad is not None for p in block.transformer.parameters())
+
+
 @pytest.mark.parametrize("size", [(100, 700), (64, 768), (128, 1000)])
 def test_non_divisible_input_sizes(tiny_overrides, size):
     cfg = load_config(ROOT / "config.yaml", tiny_overrides)

@@ -29,9 +29,10 @@ def test_overfits_a_few_lines_to_zero_cer(tiny_overrides):
     assert report["cer"] == 0.0, report
 
 
-def test_resume_gives_identical_weights(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_gives_identical_weights(tiny_overrides, tmp_path, precision):
     base = tiny_overrides + ["train.num_epochs=2", "train.augment=true", "train.scheduler=mstep",
-                             "train.warmup_steps=3"]
+                             "train.warmup_steps=3", f"train.mixed_precision={precision}"]
     _, straight = train(base + ["model.run_name=straight"])
     _, half = train(base + ["model.run_name=split", "train.max_steps=2"])   # 8 lines / batch 4 = 1 epoch
     assert load_checkpoint(half)["epoch"] == 1

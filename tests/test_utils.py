@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from utils import (Charset, UserError, error_rates, load_config, resolve_device, save_checkpoint, split_cli,
-                   train_memory_format)
+from utils import (Charset, UserError, autocast_dtype, error_rates, load_config, mixed_precision, resolve_device,
+                   save_checkpoint, split_cli, train_memory_format)
 
 CONFIG = ROOT / "config.yaml"
 
@@ -50,14 +50,35 @@ def test_cuda_without_cuda_is_clear():
     assert resolve_device("auto").type == "cpu"
 
 
-def test_train_memory_format_auto_is_channels_last_on_cuda_only():
+def test_train_memory_format_auto_is_nchw_only_on_cpus_without_avx512(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert train_memory_format("auto", cpu) == torch.contiguous_format
     assert train_memory_format("auto", cuda) == torch.channels_last
     assert train_memory_format(True, cpu) == torch.channels_last
     assert train_memory_format(False, cuda) == torch.contiguous_format
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert train_memory_format("auto", cpu) == torch.channels_last
     with pytest.raises(UserError, match="train.channels_last must be true, false or auto, got 'yes'"):
         train_memory_format("yes", cpu)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, "no"), (True, False, "bf16"),
+                                                        (False, True, "bf16")])
+def test_mixed_precision_auto_is_bf16_on_cpus_with_native_bf16(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert mixed_precision("auto", cpu, "train.mixed_precision") == expected
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if expected == "bf16" else None)
+
+
+def test_mixed_precision_settings():
+    cpu = torch.device("cpu")
+    assert mixed_precision(False, cpu, "eval.mixed_precision") == "no"       # `no` on the command line is YAML false
+    assert autocast_dtype("no", cpu) is None and autocast_dtype("fp16", cpu) == torch.float16
+    with pytest.raises(UserError, match="eval.mixed_precision must be auto, no, bf16 or fp16, got 'fp8'"):
+        autocast_dtype("fp8", cpu)
 
 
 def test_charset_round_trip_and_unknown_chars():
