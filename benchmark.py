@@ -3,8 +3,8 @@
 Measures, in one process, a plain baseline (fp32, eager, NCHW, no_grad) and the tuned path the scripts use
 (train.channels_last, BatchNorm folded and channels_last for inference, inference_mode, bf16 autocast per
 train/eval.mixed_precision (auto: where the GPU or CPU has native bf16), cudnn.benchmark on CUDA, optional
-torch.compile), and on the CPU the exported model in onnxruntime (fp32 and int8,
-as export.py writes them), and prints their ratios: these machines are noisy and only same-run ratios are stable.
+torch.compile), and on the CPU the exported model in onnxruntime (fp32 and int8, as export.py writes them), and
+prints their ratios: these machines are noisy and only same-run ratios are stable.
 Train = forward + backward + optimizer step at train.batch_size on random (B, 1, H, W) lines; eval = batched
 forward at eval.batch_size; demo = one line. achieved_gflops = lines/s x the forward's FLOPs (x3 for a train
 step), to compare with what the machine's convolutions and matmuls can do.
