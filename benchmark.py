@@ -58,6 +58,8 @@ class Variant:
         self.model = HTRNet(cfg.arch, N_CLASSES).to(device).to(memory_format=self.fmt)
         self.dtype = autocast_dtype(cfg.train.mixed_precision, device, "train.mixed_precision") if tuned else None
         self.compiled = compile_model
+        if compile_model:      # compiled (torch 2.13), the encoder's inference fast path is taken under autocast
+            torch.backends.mha.set_fastpath_enabled(False)             # and fails: bf16 x fp32 matmul
         self.forward = torch.compile(self.model) if compile_model else self.model
         params = list(self.model.parameters()) + (llm.trainable_parameters() if llm else [])
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
