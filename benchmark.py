@@ -53,8 +53,7 @@ class Variant:
         torch.manual_seed(0)
         self.llm, self.llm_ratio = llm, cfg.train.llm_sample_ratio
         self.device, self.tuned = device, tuned
-        self.fmt = self.fmt_train = (train_memory_format(cfg.train.channels_last, device) if tuned
-                                     else torch.contiguous_format)
+        self.fmt = train_memory_format(cfg.train.channels_last, device) if tuned else torch.contiguous_format
         self.model = HTRNet(cfg.arch, N_CLASSES).to(device).to(memory_format=self.fmt)
         self.dtype = autocast_dtype(cfg.train.mixed_precision, device, "train.mixed_precision") if tuned else None
         self.compiled = compile_model
@@ -177,7 +176,7 @@ def main():
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "tuned_settings": {
             "train_mixed_precision": mixed_precision(cfg.train.mixed_precision, device, "train.mixed_precision"),
-            "train_channels_last": tuned_variant.fmt_train == torch.channels_last,
+            "train_channels_last": train_memory_format(cfg.train.channels_last, device) == torch.channels_last,
             "eval_mixed_precision": mixed_precision(cfg.eval.mixed_precision, device, "eval.mixed_precision")},
         "image": [cfg.preproc.image_height, cfg.preproc.image_width],
         "train_batch": cfg.train.batch_size, "eval_batch": cfg.eval.batch_size, "compile": args.compile,

@@ -69,6 +69,16 @@ def test_demo_unreadable_file_is_one_clear_line(trained, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("script", ["evaluate.py", "demo.py"])
+def test_bad_eval_precision_is_one_line(trained, script):
+    overrides, best, root = trained
+    images = [str(next((root / "test").glob("*.png")))] if script == "demo.py" else []
+    proc = run(script, *overrides, f"resume={best}", "eval.mixed_precision=fp8", *images, ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: eval.mixed_precision must be auto, no, bf16 or fp16, got 'fp8'"
+
+
 @pytest.mark.parametrize("args,message", [
     (["train.lrr=1"], "unknown config key 'train.lrr'"),
     (["resume=/nonexistent/best.pt"], "checkpoint not found: /nonexistent/best.pt"),
