@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import HTRNet, fuse_conv_bn, parameter_report
-from trainer import ctc_loss
+from models import HTRNet, ctc_loss, fuse_conv_bn, parameter_report
 from utils import (Charset, autocast_dtype, load_config, mixed_precision, resolve_device, train_memory_format,
                    use_fixed_size_kernels)
 
@@ -198,7 +197,7 @@ def main():
 
 def measure_llm(cfg, device, steps: int, off_lines_per_s: float) -> dict:
     """Train step with the LLM path on (same tuned variant) vs off; peak memory of the LLM-on step."""
-    from llm import build_llm_assist
+    from models import build_llm_assist
     llm = build_llm_assist(cfg.llm, device, feat_dim=2 * cfg.arch.rnn_hidden_size)
     variant = Variant(cfg, device, tuned=True, compile_model=False, llm=llm)
     if device.type == "cuda":

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from utils import corpus_cer
+from metrics import corpus_cer
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from dataset import load_for_inference
 from decoding import greedy_decode, line_confidence
+from inference import line_log_probs
 from onnx_runtime import load_recognizer
-from utils import UserError, autocast_dtype, config_from_cli, line_log_probs, resolve_device, run_main
+from utils import UserError, autocast_dtype, config_from_cli, resolve_device, run_main
 
 
 def ground_truth(image: Path):

@@ -13,9 +13,10 @@ from rapidfuzz.distance import Levenshtein
 from torch.utils.data import DataLoader
 
 from dataset import Collate, LineDataset, read_gt
+from inference import predict
+from metrics import error_rates
 from onnx_runtime import load_recognizer
-from utils import (UserError, autocast_dtype, config_from_cli, error_rates, predict, resolve_device, run_main,
-                   use_fixed_size_kernels)
+from utils import UserError, autocast_dtype, config_from_cli, resolve_device, run_main, use_fixed_size_kernels
 
 log = logging.getLogger("htr")
 TUNE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)

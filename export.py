@@ -21,8 +21,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dataset import LineDataset
 from decoding import greedy_decode
+from inference import line_log_probs, load_model
+from metrics import corpus_cer
 from onnx_runtime import OnnxRecognizer, metadata
-from utils import Charset, UserError, config_from_cli, corpus_cer, line_log_probs, load_model, run_main
+from utils import Charset, UserError, config_from_cli, run_main
 
 OPSET = 17
 TOLERANCE = 1e-3          # max abs log-prob difference to PyTorch accepted by the export check

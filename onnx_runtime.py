@@ -2,13 +2,14 @@
 
 The .onnx file is self-contained: besides the graph images (B, 1, H, W) float32 -> log_probs (B, T, K), its
 metadata holds the charset and the preprocessing sizes. OnnxRecognizer.log_probs has the contract of
-utils.line_log_probs, so evaluation and decoding code can use either backend (load_recognizer).
+inference.line_log_probs, so evaluation and decoding code can use either backend (load_recognizer).
 """
 from pathlib import Path
 
 import torch
 
-from utils import Charset, UserError, load_model
+from inference import load_model
+from utils import Charset, UserError
 
 KEYS = ("htr.charset", "htr.image_height", "htr.image_width")
 

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm import IGNORE, FrozenCausalLM, LLMLoadError, build_lm_batch
-from utils import UserError, corpus_cer
+from models import IGNORE, FrozenCausalLM, LLMLoadError, build_lm_batch
+from metrics import corpus_cer
+from utils import UserError
 
 log = logging.getLogger("htr")
 BETAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)

@@ -13,27 +13,20 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import Collate, LineDataset, seed_worker
-from models import HTRNet, parameter_report
+from inference import predict
+from metrics import error_rates
+from models import HTRNet, ctc_loss, parameter_report
 from runlog import RunLog
-from utils import (Charset, UserError, autocast_dtype, check_compatible, config_from_cli, error_rates,
-                   load_checkpoint, mixed_precision, predict, resolve_device, run_main, save_checkpoint, to_plain,
-                   train_memory_format, use_fixed_size_kernels)
+from utils import (Charset, UserError, autocast_dtype, check_compatible, config_from_cli, load_checkpoint,
+                   mixed_precision, resolve_device, run_main, save_checkpoint, to_plain, train_memory_format,
+                   use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
-
-
-def ctc_loss(logits: torch.Tensor, targets, target_lengths) -> torch.Tensor:
-    """CTC (sum over the batch, zero_infinity) / batch size, always in fp32. logits (T, B, K)."""
-    T, B, _ = logits.shape
-    log_probs = logits.float().log_softmax(2)                              # (T, B, K)
-    input_lengths = torch.full((B,), T, dtype=torch.long)
-    return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="sum", zero_infinity=True) / B
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg_train) -> float:
@@ -122,7 +115,7 @@ class Trainer:
     def _llm(self):
         if self.cfg.arch.head_type == "cnn":
             raise UserError("train.use_llm=true needs a recurrent head (arch.head_type both or rnn)")
-        from llm import LLMLoadError, build_llm_assist                     # imported only when the LLM is on
+        from models import LLMLoadError, build_llm_assist
         try:
             assist = build_llm_assist(self.cfg.llm, self.acc.device, feat_dim=2 * self.cfg.arch.rnn_hidden_size)
         except LLMLoadError as e:

@@ -1,4 +1,4 @@
-"""What the scripts share: config and CLI, the character set, metrics, checkpoint I/O, CTC log-probs of a batch."""
+"""What the scripts share: config and CLI, devices and precision, the character set, checkpoint I/O."""
 import difflib
 import logging
 import os
@@ -181,44 +181,6 @@ class Charset:
         return "".join(self.chars[i - 1] for i in ids if i != 0)
 
 
-# --------------------------------------------------------------------------------------------------------- metrics
-
-_TOKENIZER = None
-
-
-def tokenize_words(text: str, mode: str) -> list:
-    """'tokenizer': nltk's Treebank tokenizer (needs no downloaded data); 'space': split on whitespace."""
-    global _TOKENIZER
-    if mode == "space":
-        return text.split()
-    if mode != "tokenizer":
-        raise UserError(f"eval.wer_mode must be 'tokenizer' or 'space', got {mode!r}")
-    if _TOKENIZER is None:
-        from nltk.tokenize import TreebankWordTokenizer
-        _TOKENIZER = TreebankWordTokenizer()
-    return _TOKENIZER.tokenize(text)
-
-
-def edit_totals(refs, hyps) -> tuple:
-    """(total edit distance, total reference length) over paired sequences: strings or token lists."""
-    from rapidfuzz.distance import Levenshtein
-    return sum(Levenshtein.distance(r, h) for r, h in zip(refs, hyps)), sum(len(r) for r in refs)
-
-
-def corpus_cer(refs, hyps) -> float:
-    edits, length = edit_totals(refs, hyps)
-    return edits / max(length, 1)
-
-
-def error_rates(refs, hyps, wer_mode: str = "tokenizer") -> dict:
-    """Corpus CER and WER: total edit distance / total reference length."""
-    char_err, char_len = edit_totals(refs, hyps)
-    word_err, word_len = edit_totals([tokenize_words(r, wer_mode) for r in refs],
-                                     [tokenize_words(h, wer_mode) for h in hyps])
-    return {"cer": char_err / max(char_len, 1), "wer": word_err / max(word_len, 1),
-            "char_errors": char_err, "chars": char_len, "word_errors": word_err, "words": word_len}
-
-
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state: dict, path) -> None:
@@ -257,44 +219,3 @@ def check_compatible(ckpt: dict, cfg: DictConfig, path, charset: Charset = None)
         raise UserError(f"checkpoint {path} has another character set than this data: characters new in the data "
                         f"{''.join(added)!r}, not in the data {''.join(missing)!r}. Train a new model, or point "
                         f"data.path at the data this checkpoint was trained on.")
-
-
-def load_model(cfg: DictConfig, path):
-    """Build the recognizer from a checkpoint for inference (eval mode, BatchNorm folded into the convolutions):
-    (model, charset, checkpoint dict)."""
-    from models import HTRNet, fuse_conv_bn
-    ckpt = load_checkpoint(path)
-    check_compatible(ckpt, cfg, path)
-    charset = Charset(ckpt["charset"])
-    model = HTRNet(cfg.arch, len(charset))
-    model.load_state_dict(ckpt["model"])
-    return fuse_conv_bn(model.eval()), charset, ckpt
-
-
-# ------------------------------------------------------------------------------------------------------ inference
-
-@torch.inference_mode()
-def line_log_probs(model, images: torch.Tensor, channels_last: bool = False, autocast_dtype=None) -> list:
-    """Images (B, 1, H, W) -> B arrays of CTC log-probabilities (T, K), float32 numpy, blank = class 0.
-    `model` is an HTRNet or an onnx_runtime.OnnxRecognizer."""
-    if not isinstance(model, torch.nn.Module):
-        return model.log_probs(images)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    device = next(model.parameters()).device
-    images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(images).logits                                      # (T, B, K)
-    return list(logits.float().log_softmax(-1).transpose(0, 1).cpu().numpy())
-
-
-def predict(model, loader, charset: Charset, channels_last: bool = False, autocast_dtype=None) -> dict:
-    """Greedy transcriptions, confidences and log-probs for a loader of Collate batches."""
-    from decoding import greedy_decode, line_confidence
-    out = {"ids": [], "refs": [], "log_probs": []}
-    for images, _, _, texts, ids in loader:
-        out["ids"] += ids
-        out["refs"] += texts
-        out["log_probs"] += line_log_probs(model, images, channels_last, autocast_dtype)
-    out["hyps"] = [greedy_decode(lp, charset) for lp in out["log_probs"]]
-    out["confidences"] = [line_confidence(lp) for lp in out["log_probs"]]
-    return out

@@ -14,7 +14,8 @@ from conftest import ROOT
 from decoding import greedy_decode
 from onnx_runtime import OnnxRecognizer, load_recognizer
 from trainer import Trainer
-from utils import UserError, line_log_probs, load_config, load_model
+from inference import line_log_probs, load_model
+from utils import UserError, load_config
 
 CONFIG = ROOT / "config.yaml"
 

