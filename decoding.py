@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 BOS = "\u2402"              # start-of-line pad inside n-grams ("␂"); never predicted
 EOS = "\u2403"              # end of line ("␃"); the last LM vocabulary entry
+OOC = "\u2400"              # an out-of-charset character while counting ("␀"); never predicted or stored
 NEG_INF = float("-inf")
 LM_FORMAT = "htr-char-ngram-lm"
 MIN_DISCOUNT = 0.1          # keeps every character reachable (no zero probabilities)
@@ -52,8 +53,8 @@ class CharNgramLM:
         self.charset = _chars(charset)
         if order < 1:
             raise ValueError(f"LM order must be >= 1, got {order}")
-        if len(set(self.charset)) != len(self.charset) or {BOS, EOS} & set(self.charset):
-            raise ValueError("LM charset must hold distinct characters other than the BOS/EOS marks")
+        if len(set(self.charset)) != len(self.charset) or {BOS, EOS, OOC} & set(self.charset):
+            raise ValueError("LM charset must hold distinct characters other than the BOS/EOS/OOC marks")
         self.order = order
         self.vocab = self.charset + EOS
         self.index = {ch: i for i, ch in enumerate(self.vocab)}
@@ -67,38 +68,57 @@ class CharNgramLM:
 
     def fit(self, lines, text_file=None) -> int:
         """Estimate from an iterable of text lines (+ the lines of a UTF-8 text file). Returns the number of
-        dropped out-of-charset characters."""
+        out-of-charset characters, which are never predicted and split their line (see `_pieces`)."""
         lines = list(lines)
         if text_file is not None:
             with open(text_file, encoding="utf-8") as f:
                 lines += f.read().splitlines()
-        clean = ["".join(ch for ch in line if ch in self.index and ch != EOS) for line in lines]
-        dropped = sum(map(len, lines)) - sum(map(len, clean))
-        if dropped:
-            log.warning("LM: dropped %d out-of-charset characters from %d lines", dropped, len(lines))
-        if not any(clean):
+        pieces = [self._pieces(line) for line in lines]
+        unknown = sum(len(p) - 1 for p in pieces)
+        if unknown:
+            log.warning("LM: %d out-of-charset characters split %d lines (no n-gram spans them)", unknown,
+                        sum(len(p) > 1 for p in pieces))
+        if unknown == sum(map(len, lines)):
             raise ValueError("LM: no in-charset training text")
-        self.counts = self._adjusted_counts(self._raw_counts(clean))
+        self.counts = self._adjusted_counts(self._raw_counts(pieces))
         self.discounts = [self._kn_discounts(c) for c in self.counts]
         self._build_tables()
-        return dropped
+        return unknown
+
+    def _pieces(self, line: str) -> list:
+        """
+        A line cut at its out-of-charset characters, padded for counting: the first piece starts with the
+        order-1 BOS marks, each later one with the mark OOC standing for the character that cut it, and the
+        last piece ends with EOS. So "ab£cd" -> [BOS..."ab", OOC + "cd" + EOS]: no n-gram spans the cut, and
+        the cut is neither a line end (no EOS after "ab") nor a line start (no BOS before "cd"), since the
+        line neither ended nor started there; padding each piece like a line would invent both. The OOC
+        mark only records a left extension of "cd" (Kneser-Ney continuation counts); it is never stored.
+        """
+        text = "".join(ch if ch in self.index and ch != EOS else OOC for ch in line)
+        first, *rest = text.split(OOC)
+        pieces = [BOS * (self.order - 1) + first] + [OOC + piece for piece in rest]
+        pieces[-1] += EOS
+        return pieces
 
     def _raw_counts(self, lines) -> list:
-        """raw[k]: Counter of the (k+1)-grams ending at each character / EOS of the padded lines."""
+        """raw[k]: Counter of the (k+1)-grams ending at each character / EOS of the lines' `_pieces` (after
+        each piece's padding); a gram may start with the piece's padding, never reach beyond it."""
         n = self.order
         raw = [Counter() for _ in range(n)]
-        for line in lines:
-            s = BOS * (n - 1) + line + EOS
-            for k in range(n):
-                raw[k].update(s[i - k:i + 1] for i in range(n - 1, len(s)))
+        for pieces in lines:
+            for j, p in enumerate(pieces):
+                lead = n - 1 if j == 0 else 1
+                for k in range(n):
+                    raw[k].update(p[i - k:i + 1] for i in range(max(lead, k), len(p)))
         return raw
 
     def _adjusted_counts(self, raw) -> list:
-        """KN counts: for lower orders, the number of distinct left extensions (raw counts after BOS)."""
-        adjusted = [dict(raw[-1])]
+        """KN counts: for lower orders, the number of distinct left extensions (raw counts after BOS).
+        Grams starting with OOC only count as left extensions."""
+        adjusted = [{g: c for g, c in raw[-1].items() if g[0] != OOC}]
         for k in range(self.order - 2, -1, -1):
             left_ext = Counter(g[1:] for g in raw[k + 1])
-            adjusted.insert(0, {g: (c if g[0] == BOS else left_ext[g]) for g, c in raw[k].items()})
+            adjusted.insert(0, {g: (c if g[0] == BOS else left_ext[g]) for g, c in raw[k].items() if g[0] != OOC})
         return adjusted
 
     @staticmethod
@@ -166,13 +186,13 @@ class CharNgramLM:
         return logp
 
     def log_prob(self, context: str, char: str) -> float:
-        """log P(char | context), context = the line so far (out-of-charset characters are ignored);
-        char is a charset character or END."""
+        """log P(char | context), context = the line so far; char is a charset character or END. As in
+        training, an out-of-charset character cuts the context: only the text after it counts, unpadded."""
         char = EOS if char == self.END else char
         if char not in self.index:
             raise ValueError(f"LM: {char!r} is not in the vocabulary")
-        context = "".join(ch for ch in context if ch in self.index and ch != EOS)
-        return float(self.next_logprobs(self.state(context))[self.index[char]])
+        piece = self._pieces(context)[-1][:-1].lstrip(OOC)         # after the last cut; BOS-padded if uncut
+        return float(self.next_logprobs(piece[max(0, len(piece) - self.order + 1):])[self.index[char]])
 
     # ---- persistence
 

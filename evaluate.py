@@ -16,7 +16,8 @@ from dataset import Collate, LineDataset, read_gt
 from inference import predict
 from metrics import error_rates
 from onnx_runtime import load_recognizer
-from utils import UserError, autocast_dtype, config_from_cli, resolve_device, run_main, use_fixed_size_kernels
+from utils import (UserError, autocast_dtype, config_from_cli, normalize_text, resolve_device, run_main,
+                   use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
 TUNE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
@@ -56,11 +57,31 @@ def build_lm(cfg, charset, path: Path):
     if cfg.decode.lm_text and not Path(cfg.decode.lm_text).is_file():
         raise UserError(f"decode.lm_text {cfg.decode.lm_text} not found")
     lm = CharNgramLM(charset, order=cfg.decode.lm_order)
-    dropped = lm.fit([text for _, text in entries], cfg.decode.lm_text or None)
+    unknown = lm.fit([text for _, text in entries], cfg.decode.lm_text or None)
     lm.save(path)
-    log.info("character %d-gram LM from %d lines saved to %s (%d out-of-charset characters dropped)",
-             cfg.decode.lm_order, len(entries), path, dropped)
+    log.info("character %d-gram LM from %d lines saved to %s (%d out-of-charset characters cut the lines)",
+             cfg.decode.lm_order, len(entries), path, unknown)
     return lm
+
+
+def lm_text_overlap(text_file, held_out: dict) -> dict:
+    """
+    How many lines of each held-out split (name -> reference transcriptions) occur verbatim (NFC, stripped) in
+    the LM text file, with a warning per split that has any: an LM trained on those lines has seen the answers
+    (IAM's texts come from the LOB corpus, so an LOB-trained LM leaks IAM's test lines). Counts split lines,
+    not LM text lines, so the number reads as "this many evaluated lines were leaked".
+    """
+    with open(text_file, encoding="utf-8") as f:
+        lm_lines = {normalize_text(line.strip()) for line in f}
+    overlap = {}
+    for split, refs in held_out.items():
+        leaked = [ref for ref in refs if ref in lm_lines]                  # refs: NFC and stripped by read_gt
+        overlap[split] = len(leaked)
+        if leaked:
+            log.warning("%d of the %d %s lines occur verbatim in decode.lm_text %s: the LM has seen them, so "
+                        "results on %s are optimistic (e.g. %s)", len(leaked), len(refs), split, text_file, split,
+                        ", ".join(repr(r) for r in leaked[:3]))
+    return overlap
 
 
 def load_lm(cfg, charset, checkpoint):
@@ -99,6 +120,9 @@ def beam_decode(cfg, model, charset, out: dict, checkpoint) -> dict:
                                            "blank_skip", "beam_threshold")}
     val = infer(cfg, model, make_loader(cfg, "val", charset), charset) \
         if cfg.decode.tune or cfg.decode.llm_rescore else None
+    if cfg.decode.build_lm and cfg.decode.lm_text:
+        held_out = {cfg.eval.split: out["refs"], **({"val": val["refs"]} if cfg.decode.tune else {})}
+        settings["lm_text_overlap"] = lm_text_overlap(cfg.decode.lm_text, held_out)
     if cfg.decode.tune:
         settings.update(tune(cfg, charset, lm, val))
 

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from decoding import (CharNgramLM, beam_search, char_confidences, decode_batch, greedy_decode, line_confidence,
-                      tune_lm_weights)
+from decoding import (BOS, EOS, CharNgramLM, beam_search, char_confidences, decode_batch, greedy_decode,
+                      line_confidence, tune_lm_weights)
 
 CHARSET = " abcdefghijklmnopqrstuvwxyz.,'"
 TEXT = ["the cat sat on the mat", "hello there", "hello world", "say hello to the cat", "the hat is on the cat",
@@ -133,11 +133,25 @@ def test_lm_learns_the_text(lm):
     assert lm.log_prob("hello world", CharNgramLM.END) > lm.log_prob("hello wor", CharNgramLM.END)
 
 
-def test_out_of_charset_chars_are_dropped():
+def test_out_of_charset_chars_split_the_line():
+    """An out-of-charset character is context that is never predicted: the counts equal those of an LM whose
+    charset has it, minus the n-grams with it; no n-gram spans it, and it is no line end or start."""
+    lines = ["ab£cd", "hello£world£", "£plain£££text"]
     model = CharNgramLM(CHARSET, order=3)
-    assert model.fit(["héllo wörld!", "plain text"]) == 3
-    assert "hll" in model.counts[2] and "wrl" in model.counts[2]
-    assert not any(set(gram) & set("éö!") for table in model.counts for gram in table)
+    assert model.fit(lines) == 7
+    wider = CharNgramLM(CHARSET + "£", order=3)
+    wider.fit(lines)
+    assert model.counts == [{g: c for g, c in table.items() if "£" not in g} for table in wider.counts]
+    assert not any(gram in table for table in model.counts for gram in ["bc", "ow", "ab" + EOS, BOS + "c"])
+    assert model.fit(["a!b", "a£b"]) == 2 and "ab" not in model.counts[1]
+
+
+def test_out_of_charset_char_cuts_the_query_context():
+    model = CharNgramLM(CHARSET, order=4)
+    model.fit(["ab£cd", "xbc"])
+    assert model.log_prob("ab", "c") == model.log_prob("b", "c") < model.log_prob("x", "b")   # "bc": once
+    assert model.log_prob("zzab£c", "d") == pytest.approx(float(model.next_logprobs("c")[model.index["d"]]))
+    assert model.log_prob("ab£c", "d") != model.log_prob("abc", "d")
 
 
 def test_save_load_round_trip(lm, tmp_path):
