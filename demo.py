@@ -1,12 +1,14 @@
 """Transcribe line images: python demo.py config.yaml resume=run/best.pt IMG [IMG ...]
 
 Prints `<file>\t<transcription>\t<confidence>` per image (and the ground truth when a gt.txt beside the image
-has it). Any size, colour or grey, png/jpg/tif.
+has it). Any size; grey, colour or palette, transparent (composited on white), 8 or 16 bit, dark ink on light or
+light on dark; png/jpg/tif/... An image that makes a poor single line (a word, a paragraph or page, a very long line)
+is transcribed with a warning on stderr that says how it was scaled.
 """
 import logging
 from pathlib import Path
 
-from dataset import load_for_inference
+from images import load_for_inference
 from decoding import greedy_decode, line_confidence
 from inference import line_log_probs
 from onnx_runtime import load_recognizer

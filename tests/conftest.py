@@ -18,14 +18,26 @@ TINY = ["preproc.image_height=32", "preproc.image_width=256", "arch.stem_channel
         "train.scheduler=none", "train.lr=3e-3", "device=cpu", "seed=0"]
 
 WORDS = ["ab", "ba", "cab", "bad", "add", "dab", "cd", "dc", "abc", "bcd"]
+INK, PAPER = 20, 235                                                       # render_line's grey levels
 
 
 def render_line(text: str, height: int = 40) -> np.ndarray:
     """Dark text on a light background, like a scanned line."""
     width = 20 + 22 * len(text)
-    img = np.full((height, width), 235, np.uint8)
-    cv2.putText(img, text, (10, height - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.9, 20, 2, cv2.LINE_AA)
+    img = np.full((height, width), PAPER, np.uint8)
+    cv2.putText(img, text, (10, height - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.9, INK, 2, cv2.LINE_AA)
     return img
+
+
+def coverage(grey: np.ndarray) -> np.ndarray:
+    """Ink coverage (h, w, 1) in [0, 1] of a render_line image."""
+    return ((PAPER - grey.astype(float)) / (PAPER - INK))[..., None]
+
+
+def in_colour(grey: np.ndarray) -> np.ndarray:
+    """A render_line image as dark blue ink on beige paper (BGR uint8, h x w x 3), its luma close to the grey."""
+    blue, beige = np.array([140, 10, 10]), np.array([200, 235, 250])         # luma ~25 and ~235
+    return np.rint(beige + (blue - beige) * coverage(grey)).astype(np.uint8)
 
 
 def write_split(root: Path, split: str, texts) -> Path:
