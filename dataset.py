@@ -1,65 +1,34 @@
 """Line datasets: `<root>/<split>/<id>.png` + `<root>/<split>/gt.txt` (`<id> <transcription>` per line).
 
-Lines are validated on load (bad ones are skipped and listed in one warning), preprocessed once as upstream
-(grey, ink bright on a dark background, aspect-preserving resize into (H-16) x (W-16)) and cached as uint8, in
-memory and optionally on disk, so later epochs only pad, augment and convert.
+Lines are validated on load (bad ones are skipped and listed in one warning), read and preprocessed once as
+upstream (images.py: grey, ink bright on a dark background, aspect-preserving resize into (H-16) x (W-16)) and cached
+as uint8, in memory and optionally on disk, so later epochs only pad, augment and convert. Training batches come from
+EpochBatchSampler (reproducible from the seed and the epoch, sharded over processes, resumable mid-epoch) and are
+augmented with a seed per (epoch, line), so what a line looks like does not depend on worker count or order.
 """
+import ctypes
 import hashlib
 import logging
+import math
+import random
+import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils import Charset, UserError, normalize_text
+from images import pad_center, preprocess, read_image, to_tensor
+from utils import Charset, UserError, atomic_write, normalize_text, usable_cpus
 
 log = logging.getLogger("htr")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
-# --------------------------------------------------------------------------------------------------- preprocessing
-
-def read_image(path) -> np.ndarray:
-    """Any format OpenCV reads (png, jpg, tif; grey or colour) -> uint8 grey (h, w); ValueError if unusable."""
-    if not Path(path).is_file():
-        raise ValueError("image file not found")
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise ValueError("unreadable or corrupt image")
-    if img.size == 0:
-        raise ValueError("zero-size image")
-    return img
-
-
-def preprocess(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Grey dark-ink image -> inverted (ink bright) uint8, resized to fit (height-16) x (width-16), aspect kept."""
-    h, w = img.shape
-    scale = min((height - 16) / h, (width - 16) / w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(255 - img, size, interpolation=interp)
-
-
-def pad_center(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Centre a preprocessed line on a (height, width) canvas of the background value 0."""
-    h, w = img.shape
-    canvas = np.zeros((height, width), np.uint8)
-    top, left = (height - h) // 2, (width - w) // 2
-    canvas[top:top + h, left:left + w] = img
-    return canvas
-
-
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img).float().div_(255).unsqueeze(0)            # (1, H, W)
-
-
-def load_for_inference(path, height: int, width: int) -> torch.Tensor:
-    """One image file -> model input (1, H, W); used by demo.py."""
-    return to_tensor(pad_center(preprocess(read_image(path), height, width), height, width))
-
+# ------------------------------------------------------------------------------------------------- augmentation
 
 def build_augmentation(seed: int = 0):
     """Training augmentation on the padded, inverted line (background 0), as upstream."""
@@ -142,21 +111,29 @@ def _load_cache(path: Path, entries) -> tuple:
 def _save_cache(path: Path, images, bad) -> None:
     shapes = np.array([img.shape if img is not None else (0, 0) for img in images], np.int64).reshape(-1, 2)
     pixels = np.concatenate([img.ravel() for img in images if img is not None] + [np.zeros(0, np.uint8)])
-    tmp = path.with_name(path.name + ".tmp.npz")
     try:
-        np.savez(tmp, pixels=pixels, shapes=shapes,
-                 bad_ids=np.array(list(bad), dtype=str), bad_why=np.array(list(bad.values()), dtype=str))
-        tmp.replace(path)
+        with atomic_write(path) as f:
+            np.savez(f, pixels=pixels, shapes=shapes,
+                     bad_ids=np.array(list(bad), dtype=str), bad_why=np.array(list(bad.values()), dtype=str))
     except OSError as e:
         log.warning("could not write preprocessing cache %s (%s); continuing without it", path, e)
 
 
 # ----------------------------------------------------------------------------------------------------- dataset
 
-class LineDataset(Dataset):
-    """One split of a line dataset; items are (image (1, H, W) float in [0, 1], text, id)."""
+def ctc_frames(text: str) -> int:
+    """Frames CTC needs for a label: one per character plus a blank between each pair of repeated characters."""
+    return len(text) + sum(a == b for a, b in zip(text, text[1:]))
 
-    def __init__(self, root, split: str, height: int, width: int, cache: bool = True, augment: bool = False):
+
+class LineDataset(Dataset):
+    """One split of a line dataset; items are (image (1, H, W) float in [0, 1], text, id).
+
+    max_frames: skip (and report) lines whose label cannot fit that many CTC frames (the model's output length):
+    CTC's loss for them is infinite, and zero_infinity would silently train on nothing."""
+
+    def __init__(self, root, split: str, height: int, width: int, cache: bool = True, augment: bool = False,
+                 max_frames: int | None = None):
         self.split_dir = Path(root) / split
         self.height, self.width = height, width
         if not self.split_dir.is_dir():
@@ -166,6 +143,8 @@ class LineDataset(Dataset):
         images, bad = self._load_images(entries, cache)
         problems += [(f"{self.split_dir / 'gt.txt'} id {i}", f"{why}: {self.split_dir / i}.png")
                      for i, why in bad.items()]
+        if max_frames is not None:
+            bad.update(self._too_long(entries, bad, max_frames, problems))
         keep = [k for k, (line_id, _) in enumerate(entries) if line_id not in bad]
         self.ids = [entries[k][0] for k in keep]
         self.texts = [entries[k][1] for k in keep]
@@ -179,6 +158,16 @@ class LineDataset(Dataset):
             raise UserError(f"no valid lines in {self.split_dir} ({len(problems)} skipped); "
                             f"check gt.txt and the images")
         self.transform = build_augmentation() if augment else None
+        self.epoch_seed = 0
+
+    def _too_long(self, entries, bad, max_frames: int, problems: list) -> dict:
+        """Lines whose label needs more CTC frames than the model has; appended to `problems`."""
+        long = {line_id: ctc_frames(text) for line_id, text in entries
+                if line_id not in bad and ctc_frames(text) > max_frames}
+        problems += [(f"{self.split_dir / 'gt.txt'} id {i}",
+                      f"label needs {n} CTC frames (characters + repeats) but the model outputs {max_frames}; "
+                      f"widen preproc.image_width or split the line") for i, n in long.items()]
+        return long
 
     def _load_images(self, entries, cache: bool) -> tuple:
         if not cache:
@@ -187,16 +176,17 @@ class LineDataset(Dataset):
         if path.is_file():
             try:
                 return _load_cache(path, entries)
-            except (OSError, ValueError, KeyError) as e:
-                log.warning("ignoring unreadable cache %s (%s)", path, e)
+            except Exception as e:                       # truncated / foreign files: np.load raises many types
+                log.warning("preprocessing cache %s is unreadable (%s: %s); rebuilding it", path,
+                            type(e).__name__, e)
         images, bad = _decode_all(self.split_dir, entries, self.height, self.width)
         _save_cache(path, images, bad)
         return images, bad
 
-    def reseed(self, seed: int) -> None:
-        """Make augmentation reproducible: called per epoch (main process) and per worker."""
-        if self.transform is not None:
-            self.transform.set_random_seed(seed % 2**32)
+    def set_epoch_seed(self, seed: int) -> None:
+        """Augmentation of line i in this epoch is seeded by (seed, i): set before the epoch's loader starts (the
+        workers it forks copy it), so a line looks the same whatever the worker count or resume point."""
+        self.epoch_seed = seed
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -204,15 +194,109 @@ class LineDataset(Dataset):
     def __getitem__(self, i):
         img = pad_center(self.images[i], self.height, self.width)          # (H, W) uint8
         if self.transform is not None:
+            self.transform.set_random_state(*augmentation_rngs(self.epoch_seed, i))
             img = self.transform(image=img)["image"]
         return to_tensor(img), self.texts[i], self.ids[i]
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: derive the augmentation seed from the loader's per-epoch generator."""
-    torch.set_num_threads(1)                                               # the main process trains on the cores
-    cv2.setNumThreads(1)
-    torch.utils.data.get_worker_info().dataset.reseed(torch.initial_seed())
+def augmentation_rngs(epoch_seed: int, index: int) -> tuple:
+    """The (numpy, python) generators that augment line `index` in an epoch, shared by all transforms of the
+    pipeline. (albumentations' set_random_seed would give every transform its own generator with the same seed, so
+    their apply-or-not draws would coincide: half the lines would pass through unchanged.)"""
+    rng = np.random.default_rng([epoch_seed, index])
+    return rng, random.Random(int(rng.integers(2**63)))
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+class EpochBatchSampler(Sampler):
+    """The batches of epoch e: a permutation seeded by (seed, e), cut into batches; process `rank` of
+    `num_replicas` takes batches rank, rank + N, ... (wrapping around so that every process does the same number of
+    steps), starting at `start_step` when a run resumes mid-epoch. Yields lists of dataset indices."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True, num_replicas: int = 1,
+                 rank: int = 0):
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch for each process (what the LR schedule counts)."""
+        return math.ceil(math.ceil(self.size / self.batch_size) / self.num_replicas)
+
+    def batch(self, step: int) -> list:
+        """Dataset indices of this process's batch at `step` of the current epoch."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        n_batches = math.ceil(self.size / self.batch_size)
+        b = (step * self.num_replicas + self.rank) % n_batches
+        return order[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps_per_epoch):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, so a killed trainer leaves no orphaned workers."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)                         # 1 = PR_SET_PDEATHSIG
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def init_worker(_worker_id: int) -> None:
+    """DataLoader worker_init_fn. One torch thread (the main process trains on the cores); never the trainer's
+    stop handlers: Ctrl-C reaches the whole process group and the main process alone decides how to stop, so
+    workers ignore SIGINT and die on SIGTERM; and death with the parent. The loader was started with the stop
+    signals blocked (LineLoader), so no signal reaches a worker before this point."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class LineLoader(DataLoader):
+    """A DataLoader whose workers are forked with SIGINT/SIGTERM blocked (init_worker then installs their own
+    handling), so no stop signal ever runs the trainer's handler inside a worker."""
+
+    def __iter__(self):
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def worker_count(requested: int, key: str, processes: int = 1) -> int:
+    """`requested` loader workers, at most the CPUs this process may use (shared by the processes of a run)."""
+    usable = max(1, usable_cpus() // processes)
+    if requested > usable:
+        log.info("%s=%d, but this process may use %d CPU(s): using %d worker(s)", key, requested, usable, usable)
+        return usable
+    return requested
+
+
+def line_loader(dataset, charset: Charset, batch_size: int = 1, batch_sampler=None, workers: int = 0,
+                timeout: float = 0, pin_memory: bool = False) -> DataLoader:
+    """A loader of Collate batches, in order (or per batch_sampler). Its own generator keeps the global RNG
+    untouched (resumed runs stay identical); `timeout` makes a stalled worker an error instead of a hang."""
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    return LineLoader(dataset, **batching, num_workers=workers, collate_fn=Collate(charset),
+                      worker_init_fn=init_worker, generator=torch.Generator(), timeout=timeout if workers else 0,
+                      pin_memory=pin_memory)
 
 
 class Collate:

@@ -29,10 +29,19 @@ def corpus_cer(refs, hyps) -> float:
     return edits / max(length, 1)
 
 
-def error_rates(refs, hyps, wer_mode: str = "tokenizer") -> dict:
-    """Corpus CER and WER: total edit distance / total reference length."""
+def error_counts(refs, hyps, wer_mode: str = "tokenizer") -> dict:
+    """Character and word edit totals and reference lengths: what adds up over shards of a corpus."""
     char_err, char_len = edit_totals(refs, hyps)
     word_err, word_len = edit_totals([tokenize_words(r, wer_mode) for r in refs],
                                      [tokenize_words(h, wer_mode) for h in hyps])
-    return {"cer": char_err / max(char_len, 1), "wer": word_err / max(word_len, 1),
-            "char_errors": char_err, "chars": char_len, "word_errors": word_err, "words": word_len}
+    return {"char_errors": char_err, "chars": char_len, "word_errors": word_err, "words": word_len}
+
+
+def rates(counts: dict) -> dict:
+    """Corpus CER and WER (total edit distance / total reference length) of error_counts, next to the counts."""
+    return {"cer": counts["char_errors"] / max(counts["chars"], 1),
+            "wer": counts["word_errors"] / max(counts["words"], 1), **counts}
+
+
+def error_rates(refs, hyps, wer_mode: str = "tokenizer") -> dict:
+    return rates(error_counts(refs, hyps, wer_mode))

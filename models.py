@@ -126,6 +126,15 @@ class HybridBackbone(nn.Module):
         return y.amax(2, keepdim=True) if self.flattening == "maxpool" else y.mean(2, keepdim=True)  # (B, C, 1, T)
 
 
+def output_frames(cnn_cfg, width: int) -> int:
+    """CTC frames T of a line `width` pixels wide: the stem's stride 2 (7x7, padding 3), then a halving per 'M'."""
+    frames = (width - 1) // 2 + 1
+    for token in cnn_cfg:
+        if token == "M":
+            frames //= 2
+    return frames
+
+
 class CTCOutput(NamedTuple):
     logits: torch.Tensor                  # (T, B, K) main CTC logits
     shortcut: Optional[torch.Tensor]      # (T, B, K) CNN-shortcut CTC logits ('both' only)
@@ -182,6 +191,31 @@ class HTRNet(nn.Module):
 
     def forward(self, x) -> CTCOutput:
         return self.head(self.backbone(x))
+
+    def class_layers(self) -> list:
+        """State-dict prefixes of the layers with one output row per class (the CTC blank first)."""
+        return (["head.fc.3"] if self.head.head_type != "cnn" else []) + \
+            (["head.shortcut"] if self.head.head_type != "rnn" else [])
+
+    def load_resized(self, state: dict, old_chars: str, new_chars: str) -> None:
+        """Load the weights of a model with another character set (kraken's --resize): the class rows of the blank
+        and of the characters both sets share are copied, new characters keep their fresh initialisation.
+        ValueError names the tensors that differ otherwise (another architecture)."""
+        own = self.state_dict()
+        classes = {k for k in own if k.rsplit(".", 1)[0] in self.class_layers()}
+        differ = sorted((own.keys() ^ state.keys()) |
+                        {k for k in (own.keys() & state.keys()) - classes if own[k].shape != state[k].shape})
+        if differ:
+            raise ValueError(f"tensors missing or of another shape: {', '.join(differ[:8])}"
+                             + (f" and {len(differ) - 8} more" if len(differ) > 8 else ""))
+        pairs = [(0, 0)] + [(i + 1, old_chars.index(c) + 1) for i, c in enumerate(new_chars) if c in old_chars]
+        new_rows, old_rows = (torch.tensor(rows) for rows in zip(*pairs))
+        for key in own:
+            if key in classes:
+                own[key][new_rows] = state[key][old_rows].to(own[key].dtype)
+            else:
+                own[key] = state[key]
+        self.load_state_dict(own)
 
 
 def ctc_loss(logits: torch.Tensor, targets, target_lengths) -> torch.Tensor:

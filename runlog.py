@@ -1,6 +1,11 @@
 """Per-epoch metrics of a run: metrics.csv, TensorBoard scalars and a learning-curve PNG, all in the run directory."""
 import csv
+import logging
 from pathlib import Path
+
+from utils import atomic_write
+
+log = logging.getLogger("htr")
 
 
 class RunLog:
@@ -14,11 +19,21 @@ class RunLog:
             self.writer = SummaryWriter(self.run_dir / "tensorboard")
 
     def _read_rows(self) -> list:
-        """Earlier rows of a resumed run, so the curve and the CSV continue."""
+        """Earlier rows of a resumed run, so the curve and the CSV continue. The file is written atomically, but
+        one edited or damaged by hand loses only its unreadable rows (with a warning), never the run."""
         if not self.csv_path.is_file():
             return []
-        with open(self.csv_path, newline="") as f:
-            return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        rows, bad = [], 0
+        with open(self.csv_path, newline="", encoding="utf-8", errors="replace") as f:
+            for row in csv.DictReader(f):
+                try:
+                    rows.append({k: float(v) for k, v in row.items() if k is not None and v not in ("", None)})
+                except ValueError:
+                    bad += 1
+        rows = [r for r in rows if "epoch" in r]
+        if bad:
+            log.warning("%s: ignored %d unreadable row(s)", self.csv_path, bad)
+        return rows
 
     def record(self, epoch: int, step: int, stats: dict) -> None:
         if not self.enabled:
@@ -28,7 +43,7 @@ class RunLog:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
         keys = list(dict.fromkeys(k for row in self.rows for k in row))
-        with open(self.csv_path, "w", newline="") as f:
+        with atomic_write(self.csv_path, "w") as f:
             writer = csv.DictWriter(f, keys)
             writer.writeheader()
             writer.writerows(self.rows)

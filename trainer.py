@@ -1,10 +1,13 @@
 """Train the recognizer: python trainer.py config.yaml [key.sub=value ...]
 
-Single device with plain `python trainer.py`; several GPUs with `accelerate launch trainer.py config.yaml`.
+One device with plain `python trainer.py`; several processes with `accelerate launch --multi_gpu --num_processes N
+trainer.py config.yaml` (GPUs, or CPU processes over gloo with device=cpu). SIGINT/SIGTERM once: last.pt is written
+after the current step and the run exits (status 128 + signal); twice: it exits at once.
 """
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -14,30 +17,29 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import Subset
 from tqdm import tqdm
 
-from dataset import Collate, LineDataset, seed_worker
+from dataset import STOP_SIGNALS, EpochBatchSampler, LineDataset, line_loader, worker_count
 from inference import predict
-from metrics import error_rates
-from models import HTRNet, ctc_loss, parameter_report
+from metrics import error_counts, rates
+from models import HTRNet, ctc_loss, output_frames, parameter_report
 from runlog import RunLog
-from utils import (Charset, UserError, autocast_dtype, check_compatible, config_from_cli, load_checkpoint,
-                   mixed_precision, resolve_device, run_main, save_checkpoint, to_plain, train_memory_format,
-                   use_fixed_size_kernels)
+from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, config_from_cli,
+                   load_checkpoint, mixed_precision, remove_stale_temp_files, resolve_device, run_main,
+                   save_checkpoint, to_plain, train_memory_format, use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg_train) -> float:
-    """Linear warm-up, then 'mstep' (x0.1 at 50% and 75% of the epochs), 'cosine' or 'none'."""
+    """Linear warm-up, then 'mstep' (x0.1 at 50% and 75% of the optimizer steps), 'cosine' or 'none'."""
     warm = min(1.0, (step + 1) / cfg_train.warmup_steps) if cfg_train.warmup_steps else 1.0
-    epochs = cfg_train.num_epochs
+    total = cfg_train.num_epochs * steps_per_epoch
     if cfg_train.scheduler == "mstep":
-        epoch = step // steps_per_epoch
-        return warm * 0.1 ** sum(epoch >= int(f * epochs) for f in (0.5, 0.75))
+        return warm * 0.1 ** sum(step >= f * total for f in (0.5, 0.75))
     if cfg_train.scheduler == "cosine":
-        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / (epochs * steps_per_epoch))))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
     if cfg_train.scheduler == "none":
         return warm
     raise UserError(f"train.scheduler must be mstep, cosine or none, got {cfg_train.scheduler!r}")
@@ -67,19 +69,28 @@ class Trainer:
     def __init__(self, cfg, resume_ckpt=None):
         self.cfg = cfg
         self.acc = make_accelerator(cfg)
+        if not self.acc.is_main_process:
+            log.setLevel(logging.WARNING)                                  # one process reports
         torch.manual_seed(cfg.seed)
-        self.loader_rng = torch.Generator().manual_seed(cfg.seed)
-        self.train_set, self.val_set = self._datasets()
-        self.charset = Charset.from_texts(self.train_set.texts + (self.val_set.texts if self.val_set else []))
+        with self.acc.main_process_first():                                # one process builds the caches
+            self.train_set, self.val_set = self._datasets()
+        init = self._init_checkpoint()
+        self.charset = self._charset(resume_ckpt, init)
         self.model = HTRNet(cfg.arch, len(self.charset))
+        if init is not None:
+            self._init_weights(*init)
         self.llm = self._llm() if cfg.train.use_llm else None
         self.params = list(self.model.parameters()) + (self.llm.trainable_parameters() if self.llm else [])
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.loader = self._loader(self.train_set, cfg.train.batch_size, shuffle=True, workers=cfg.train.num_workers)
-        steps_per_epoch = len(self.loader)
+        self.sampler = EpochBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.seed,
+                                         num_replicas=self.acc.num_processes, rank=self.acc.process_index)
+        self.loader = line_loader(self.train_set, self.charset, batch_sampler=self.sampler,
+                                  workers=self._workers(cfg.train.num_workers, "train.num_workers"),
+                                  timeout=cfg.data.loader_timeout, pin_memory=self.acc.device.type == "cuda")
+        steps_per_epoch = self.sampler.steps_per_epoch                     # per process, after sharding
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.train))
-        self.epoch, self.step, self.best_cer, self.bad_validations = 0, 0, math.inf, 0
+        self.epoch, self.epoch_step, self.step, self.best_cer, self.bad_validations = 0, 0, 0, math.inf, 0
         if resume_ckpt is not None:
             self._restore(*resume_ckpt)
         self.fmt = train_memory_format(cfg.train.channels_last, self.acc.device)
@@ -87,8 +98,6 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if self.llm is not None:
             self.llm = self.acc.prepare(self.llm)                          # autocast (and DDP on several GPUs)
-        if self.acc.num_processes > 1:
-            self.loader = self.acc.prepare(self.loader)
         self.run_dir = self._run_dir(cfg.resume)
         self.runlog = RunLog(self.run_dir, enabled=self.acc.is_main_process)
         self.stop_signal = None
@@ -98,19 +107,59 @@ class Trainer:
         cfg, pre = self.cfg, self.cfg.preproc
         root = Path(cfg.data.path)
         if not root.is_dir():
-            raise UserError(f"data.path {root} does not exist; prepare data with prepare_iam.py or "
-                            f"prepare_synthetic.py, or set data.path=DIR")
-        train = LineDataset(root, "train", pre.image_height, pre.image_width, cfg.data.cache, cfg.train.augment)
+            raise UserError(f"data.path {root} does not exist; prepare data with prepare_iam.py, prepare_pages.py "
+                            f"or prepare_synthetic.py, or set data.path=DIR")
+        frames = output_frames(cfg.arch.cnn_cfg, pre.image_width)
+        train = LineDataset(root, "train", pre.image_height, pre.image_width, cfg.data.cache, cfg.train.augment,
+                            max_frames=frames)
         val = LineDataset(root, "val", pre.image_height, pre.image_width, cfg.data.cache) \
             if (root / "val").is_dir() else None
         if val is None:
             log.warning("no %s/val split: training without validation (best.pt is not written)", root)
         return train, val
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool, workers: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          collate_fn=Collate(self.charset), worker_init_fn=seed_worker, generator=self.loader_rng,
-                          pin_memory=self.acc.device.type == "cuda", drop_last=False)
+    @staticmethod
+    def _workers(requested: int, key: str) -> int:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))                 # this run's processes on this machine
+        return worker_count(requested, key, local)
+
+    def _init_checkpoint(self):
+        """train.init_from: (checkpoint, path) of the run to start from, or None."""
+        path = self.cfg.train.init_from
+        if not path:
+            return None
+        if self.cfg.resume:
+            raise UserError("train.init_from starts a new run from other weights, resume= continues a run: "
+                            "give one of them")
+        return load_checkpoint(path), path
+
+    def _charset(self, resume, init) -> Charset:
+        """The training split's characters; a resumed run keeps its checkpoint's, a fine-tuned run adds the
+        initial model's (train.init_resize=union). Val characters outside it are reported once."""
+        charset = Charset.from_texts(self.train_set.texts)
+        if resume is not None:
+            check_compatible(resume[0], self.cfg, resume[1], texts=self.train_set.texts)
+            charset = Charset(resume[0]["charset"])
+        elif init is not None and self.cfg.train.init_resize == "union":
+            charset = Charset.from_texts([init[0]["charset"], *self.train_set.texts])
+        elif init is not None and self.cfg.train.init_resize != "new":
+            raise UserError(f"train.init_resize must be union or new, got {self.cfg.train.init_resize!r}")
+        unseen = charset.unknown("".join(self.val_set.texts)) if self.val_set else set()
+        if unseen:
+            log.warning("%d character(s) of the val split never occur in training and count as errors: %r",
+                        len(unseen), "".join(sorted(unseen)))
+        return charset
+
+    def _init_weights(self, ckpt: dict, path) -> None:
+        check_compatible(ckpt, self.cfg, path, sections=("arch",))
+        try:
+            self.model.load_resized(ckpt["model"], ckpt["charset"], self.charset.chars)
+        except ValueError as e:
+            raise UserError(f"train.init_from={path}: another architecture ({e}); use its arch settings "
+                            f"(config.yaml in its run directory)") from None
+        shared = set(ckpt["charset"]) & set(self.charset.chars)
+        log.info("initialised from %s: %d of %d characters shared, %d new", path, len(shared),
+                 len(self.charset.chars), len(self.charset.chars) - len(shared))
 
     def _llm(self):
         if self.cfg.arch.head_type == "cnn":
@@ -131,7 +180,10 @@ class Trainer:
         return Path(self.cfg.model.save_dir) / str(name)
 
     def _restore(self, ckpt: dict, path) -> None:
-        check_compatible(ckpt, self.cfg, path, self.charset)
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            raise UserError(f"checkpoint {path} lacks {', '.join(missing)}: it holds weights only; start a new run "
+                            f"from it with train.init_from={path}")
         if (self.llm is not None) != ("llm" in ckpt):
             raise UserError(f"checkpoint {path} was trained {'without' if self.llm else 'with'} the LLM path; "
                             f"resume with train.use_llm={'false' if self.llm else 'true'} or start a new run")
@@ -144,23 +196,22 @@ class Trainer:
             except ValueError as e:
                 raise UserError(f"checkpoint {path}: {e}") from None
         self.epoch, self.step, self.best_cer = ckpt["epoch"], ckpt["step"], ckpt["best_cer"]
-        self.bad_validations = ckpt["bad_validations"]
+        self.epoch_step, self.bad_validations = ckpt.get("epoch_step", 0), ckpt["bad_validations"]
         torch.set_rng_state(ckpt["rng"]["torch"])
-        self.loader_rng.set_state(ckpt["rng"]["loader"])
         if torch.cuda.is_available() and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        log.info("resumed from %s at epoch %d, step %d (best val CER %.4f)", path, self.epoch, self.step,
+        log.info("resumed from %s at epoch %d, step %d (best val CER %.4f)", path, self.epoch + 1, self.step,
                  self.best_cer)
 
     def checkpoint_state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "loader": self.loader_rng.get_state()}
+        rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"format": 1, "model": self.acc.unwrap_model(self.model).state_dict(),
+        state = {"format": 2, "model": self.acc.unwrap_model(self.model).state_dict(),
                  "charset": self.charset.chars, "arch": to_plain(self.cfg.arch),
                  "preproc": to_plain(self.cfg.preproc), "config": to_plain(self.cfg),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "epoch": self.epoch, "step": self.step, "best_cer": self.best_cer,
+                 "epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step, "best_cer": self.best_cer,
                  "bad_validations": self.bad_validations, "rng": rng}
         if self.llm is not None:
             state["llm"] = {"name": self.cfg.llm.name,
@@ -177,27 +228,42 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-        (self.run_dir / "charset.txt").write_text(self.charset.chars, encoding="utf-8")
+        stale = remove_stale_temp_files(self.run_dir)
+        if stale:
+            log.warning("removed %d temporary file(s) left by an interrupted run: %s", len(stale),
+                        ", ".join(f.name for f in stale))
+        with atomic_write(self.run_dir / "config.yaml", "w") as f:
+            f.write(OmegaConf.to_yaml(self.cfg, resolve=True))
+        with atomic_write(self.run_dir / "charset.txt", "w") as f:
+            f.write(self.charset.chars)
         params = parameter_report(self.acc.unwrap_model(self.model))
         if self.llm is not None:
             params["llm_trainable"] = sum(p.numel() for p in self.acc.unwrap_model(self.llm).trainable_parameters())
         info = {"git_commit": git_commit(), "argv": sys.argv, "torch": torch.__version__,
-                "device": str(self.acc.device), "mixed_precision": self.acc.mixed_precision,
-                "parameters": params, "train_lines": len(self.train_set),
-                "val_lines": len(self.val_set) if self.val_set else 0, "charset_size": len(self.charset.chars)}
-        (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+                "device": str(self.acc.device), "processes": self.acc.num_processes,
+                "mixed_precision": self.acc.mixed_precision, "parameters": params,
+                "train_lines": len(self.train_set), "val_lines": len(self.val_set) if self.val_set else 0,
+                "charset_size": len(self.charset.chars), "init_from": self.cfg.train.init_from or None}
+        with atomic_write(self.run_dir / "run_info.json", "w") as f:
+            json.dump(info, f, indent=2)
         log.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()))
 
     # ------------------------------------------------------------------------------------------------ training
     def _on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.stop_signal is not None:
+            log.warning("second %s: exiting now without writing a checkpoint", name)
+            raise SystemExit(128 + signum)
         self.stop_signal = signum
-        log.warning("received %s: stopping after this step and writing a checkpoint",
-                    signal.Signals(signum).name)
+        log.warning("%s: stopping after this step and writing last.pt (send it again to exit at once)", name)
 
     def _stop_requested(self) -> bool:
+        """A stop signal or train.max_steps; with several processes, any one's signal stops all at this step."""
         max_steps = self.cfg.train.max_steps
-        return self.stop_signal is not None or (max_steps > 0 and self.step >= max_steps)
+        stop = self.stop_signal is not None or (max_steps > 0 and self.step >= max_steps)
+        if self.acc.num_processes > 1:
+            stop = bool(self.acc.reduce(torch.tensor([float(stop)], device=self.acc.device), "sum").item())
+        return stop
 
     def loss(self, images, targets, lengths, texts) -> dict:
         out = self.model(images)
@@ -216,18 +282,32 @@ class Trainer:
         warm = self.cfg.train.llm_alpha_warmup_steps
         return self.cfg.train.llm_alpha * (min(1.0, self.step / warm) if warm else 1.0)
 
+    def _batches(self):
+        """The rest of this epoch's batches; a stalled loader worker is an error naming the lines it was on."""
+        batches = iter(self.loader)
+        for step in range(self.epoch_step, self.sampler.steps_per_epoch):
+            try:
+                yield next(batches)
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                ids = [self.train_set.ids[i] for i in self.sampler.batch(step)]
+                raise UserError(f"no batch from the data loader workers in {self.cfg.data.loader_timeout} s (epoch "
+                                f"{self.epoch + 1}, step {step + 1}, lines {', '.join(ids)}); check those images, "
+                                f"or debug with train.num_workers=0") from None
+
     def train_epoch(self) -> dict:
-        """One pass over the training data; returns mean losses and throughput (or None if stopped early)."""
+        """The rest of the current epoch; returns mean losses and throughput, or None when stopped before its end."""
         self.model.train()
         if self.llm is not None:
             self.llm.train()                                               # connector dropout; the LLM stays eval
-        if self.cfg.train.num_workers == 0:
-            self.train_set.reseed(int(torch.randint(2**31, (1,), generator=self.loader_rng)))
+        self.sampler.set_epoch(self.epoch, self.epoch_step)
+        self.train_set.set_epoch_seed(self.cfg.seed * 1_000_003 + self.epoch)
+        steps = self.sampler.steps_per_epoch
         sums, lines, t0 = {}, 0, time.perf_counter()
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}", leave=False, disable=not self.acc.is_main_process)
-        for images, targets, lengths, texts, _ in bar:
-            if self._stop_requested():
-                return None
+        bar = tqdm(total=steps, initial=self.epoch_step, desc=f"epoch {self.epoch + 1}", leave=False,
+                   disable=not self.acc.is_main_process)
+        for images, targets, lengths, texts, _ in self._batches():
             images = images.to(self.acc.device, non_blocking=True).contiguous(memory_format=self.fmt)
             losses = self.loss(images, targets, lengths, texts)
             self.optimizer.zero_grad(set_to_none=True)
@@ -236,25 +316,38 @@ class Trainer:
                 self.acc.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            self.step += 1
-            lines += len(texts)
+            self.step, self.epoch_step, lines = self.step + 1, self.epoch_step + 1, lines + len(texts)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(texts)
-            rate = lines / (time.perf_counter() - t0)
+            bar.update()
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items() if k != "shortcut"},
-                            lr=f"{self.scheduler.get_last_lr()[0]:.2e}", lines_s=f"{rate:.1f}")
+                            lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                            lines_s=f"{lines / (time.perf_counter() - t0):.1f}")
+            if self.epoch_step < steps and self._stop_requested():
+                bar.close()
+                return None
+        bar.close()
         stats = {f"train_{k}": v / max(lines, 1) for k, v in sums.items()}
         stats.update(lines_per_s=lines / (time.perf_counter() - t0), lr=self.scheduler.get_last_lr()[0])
         return stats
 
     def validate(self) -> dict:
+        """Greedy CER/WER on the val split; with several processes each validates every N-th line, and the edit
+        counts are summed, so every line counts exactly once."""
         model = self.acc.unwrap_model(self.model).eval()
-        loader = DataLoader(self.val_set, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.eval.num_workers,
-                            collate_fn=Collate(self.charset))
+        rank, n = self.acc.process_index, self.acc.num_processes
+        shard = Subset(self.val_set, range(rank, len(self.val_set), n))
+        loader = line_loader(shard, self.charset, batch_size=self.cfg.eval.batch_size,
+                             workers=self._workers(self.cfg.eval.num_workers, "eval.num_workers"))
         dtype = autocast_dtype(self.acc.mixed_precision, self.acc.device)      # validate as we train
         out = predict(model, loader, self.charset, self.fmt == torch.channels_last, dtype)
-        metrics = error_rates(out["refs"], out["hyps"], self.cfg.eval.wer_mode)
-        return {"val_cer": metrics["cer"], "val_wer": metrics["wer"]}
+        counts = {**error_counts(out["refs"], out["hyps"], self.cfg.eval.wer_mode), "lines": len(out["refs"])}
+        if n > 1:
+            summed = self.acc.reduce(torch.tensor(list(counts.values()), dtype=torch.float64,
+                                                  device=self.acc.device), "sum")
+            counts = dict(zip(counts, (int(v) for v in summed.tolist())))
+        metrics = rates(counts)
+        return {"val_cer": metrics["cer"], "val_wer": metrics["wer"], "val_lines": counts["lines"]}
 
     def _after_epoch(self, stats: dict) -> bool:
         """Validate / save as scheduled; returns True when early stopping says to stop."""
@@ -269,41 +362,44 @@ class Trainer:
                 self.bad_validations += 1
             log.info("epoch %d: val CER %.4f WER %.4f (best %.4f)", self.epoch, stats["val_cer"],
                      stats["val_wer"], self.best_cer)
+        self.runlog.record(self.epoch, self.step, stats)          # before last.pt: a resumed run redoes and rewrites
         if self.epoch % cfg.save_every_k_epochs == 0 or last or "val_cer" in stats:
             self.save("last.pt")
-        self.runlog.record(self.epoch, self.step, stats)
         patience = cfg.early_stopping_patience
         return patience > 0 and self.bad_validations >= patience
 
     def fit(self) -> Path:
         self.write_run_info()
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             while self.epoch < self.cfg.train.num_epochs and not self._stop_requested():
                 stats = self.train_epoch()
                 if stats is None:
                     break
-                self.epoch += 1
+                self.epoch, self.epoch_step = self.epoch + 1, 0
                 log.info("epoch %d: loss %.4f, %.1f lines/s", self.epoch, stats["train_total"], stats["lines_per_s"])
                 if self._after_epoch(stats):
                     log.info("early stopping: no better val CER in %d validations", self.bad_validations)
                     break
+            path = self.save("last.pt")
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.runlog.close()
-        path = self.save("last.pt")
         if self.stop_signal is not None:
-            log.warning("interrupted in epoch %d at step %d; checkpoint %s (resume with resume=%s)",
-                        self.epoch + 1, self.step, path, path)
+            log.warning("interrupted in epoch %d after step %d; resume with resume=%s", self.epoch + 1, self.step,
+                        path)
         return path
 
 
 def main(argv=None):
     cfg, _ = config_from_cli(argv, "trainer.py")
     resume = (load_checkpoint(cfg.resume), cfg.resume) if cfg.resume else None
-    path = Trainer(cfg, resume).fit()
+    trainer = Trainer(cfg, resume)
+    path = trainer.fit()
     log.info("done: %s", path)
+    if trainer.stop_signal is not None:
+        sys.exit(128 + trainer.stop_signal)
 
 
 if __name__ == "__main__":

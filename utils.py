@@ -1,4 +1,5 @@
 """What the scripts share: config and CLI, devices and precision, the character set, checkpoint I/O."""
+import contextlib
 import difflib
 import logging
 import os
@@ -108,6 +109,11 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device={name!r} is not a valid device; use auto, cpu, cuda or cuda:N") from None
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroups, SLURM), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def use_fixed_size_kernels(device: torch.device) -> None:
     """Every line is padded to one size, so on CUDA let cuDNN time its convolution algorithms once and keep the
     fastest (cudnn.benchmark); nothing to do on the CPU."""
@@ -183,39 +189,74 @@ class Charset:
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(state: dict, path) -> None:
-    """Atomic: write a temp file in the same directory, fsync, rename over the target."""
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Write `path` all or nothing: a temp file beside it (unique per process), fsync, rename over the target. On
+    any error the temp file is removed and the previous file is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load_checkpoint(path) -> dict:
+def remove_stale_temp_files(directory) -> list:
+    """Temp files that a killed process left behind in `directory` (atomic_write's names)."""
+    stale = sorted(Path(directory).glob(".*.tmp[0-9]*"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Atomic (atomic_write); a full disk or another OSError keeps the previous checkpoint and is one UserError."""
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint (if any) is "
+                        f"kept. Free disk space (or set model.save_dir) and resume from it") from None
+
+
+INFERENCE_KEYS = ("model", "charset", "arch", "preproc")
+RESUME_KEYS = INFERENCE_KEYS + ("optimizer", "scheduler", "epoch", "step", "best_cer", "bad_validations", "rng")
+
+
+def load_checkpoint(path, keys=INFERENCE_KEYS) -> dict:
+    """A checkpoint written by trainer.py, with at least `keys`; anything else is one UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (set resume=PATH to an existing .pt file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint of this project?): "
+                        f"{type(e).__name__}: {reason}") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}: it was not written by trainer.py (or by "
+                        f"an incompatible version); use another checkpoint, e.g. best.pt or last.pt of a run")
+    return ckpt
 
 
-def check_compatible(ckpt: dict, cfg: DictConfig, path, charset: Charset = None) -> None:
-    """Fail with what differs when a checkpoint does not match the config's architecture (or the data's charset)."""
+def check_compatible(ckpt: dict, cfg: DictConfig, path, texts=None, sections=("arch", "preproc")) -> None:
+    """Fail with what differs when a checkpoint does not match the config's `sections`, or when training `texts`
+    hold characters the checkpoint's charset lacks."""
     diffs = [f"{section}.{k}: checkpoint {ckpt[section].get(k)!r} vs config {v!r}"
-             for section in ("arch", "preproc") for k, v in to_plain(cfg[section]).items()
-             if ckpt[section].get(k) != v]
+             for section in sections for k, v in to_plain(cfg[section]).items() if ckpt[section].get(k) != v]
     if diffs:
         raise UserError(f"checkpoint {path} was trained with another architecture: " + "; ".join(diffs)
                         + ". Use the config it was trained with (saved as config.yaml in its run directory).")
-    if charset is not None and charset.chars != ckpt["charset"]:
-        added = sorted(set(charset.chars) - set(ckpt["charset"]))
-        missing = sorted(set(ckpt["charset"]) - set(charset.chars))
-        raise UserError(f"checkpoint {path} has another character set than this data: characters new in the data "
-                        f"{''.join(added)!r}, not in the data {''.join(missing)!r}. Train a new model, or point "
-                        f"data.path at the data this checkpoint was trained on.")
+    new = Charset(ckpt["charset"]).unknown("".join(texts or ()))
+    if new:
+        raise UserError(f"checkpoint {path} has another character set: this training data has characters it "
+                        f"lacks, {''.join(sorted(new))!r}. To fine-tune on this data start a new run with "
+                        f"train.init_from={path}; to continue that run point data.path at its data.")

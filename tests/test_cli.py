@@ -1,13 +1,14 @@
 """The three commands end to end, as a user runs them (subprocess), on a dataset the test writes."""
+import csv
 import json
+import re
 import subprocess
 import sys
 
 import cv2
-import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_setup
+from conftest import ROOT, in_colour, tiny_setup
 from utils import UserError
 
 
@@ -32,7 +33,7 @@ def test_train_writes_run_directory(trained):
     _, best, _ = trained
     run_dir = best.parent
     info = json.loads((run_dir / "run_info.json").read_text())
-    assert info["parameters"]["total"] > 0 and info["git_commit"]
+    assert info["parameters"]["total"] > 0 and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", info["git_commit"])
     assert (run_dir / "last.pt").is_file() and (run_dir / "metrics.csv").read_text().count("\n") == 3
 
 
@@ -42,15 +43,19 @@ def test_evaluate_reports_and_handles_unknown_chars(trained):
     assert "test (greedy): CER" in proc.stdout
     assert "not in the model's charset" in proc.stderr and "'z'" in proc.stderr
     report = json.loads((best.parent / "eval_test.json").read_text())
-    assert report["lines"] == 2 and report["unknown_chars"] == "z" and 0 <= report["cer"]
-    rows = (best.parent / "eval_test.csv").read_text().splitlines()
-    assert rows[0].startswith("id,errors,cer,confidence") and len(rows) == 3
+    assert report["lines"] == 2 and report["unknown_chars"] == "z"
+    assert (best.parent / "eval_test.csv").read_text().startswith("id,errors,cer,confidence,")
+    with open(best.parent / "eval_test.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["reference"] for r in rows) == ["ab", "abz"]
+    errors = sum(int(r["errors"]) for r in rows)
+    assert errors >= 1 and report["cer"] == pytest.approx(errors / 5)  # 'z' is always wrong; 5 reference chars
 
 
 def test_demo_prints_text_confidence_and_ground_truth(trained, tmp_path):
     overrides, best, root = trained
     colour = tmp_path / "colour.jpg"
-    cv2.imwrite(str(colour), np.dstack([cv2.imread(str(root / "test" / "test-000.png"))[..., 0]] * 3))
+    cv2.imwrite(str(colour), in_colour(cv2.imread(str(root / "test" / "test-000.png"), cv2.IMREAD_GRAYSCALE)))
     proc = run("demo.py", *overrides, f"resume={best}", str(root / "test" / "test-000.png"), str(colour))
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(str(root / "test" / "test-000.png") + "\t")
@@ -114,6 +119,20 @@ def test_evaluate_beam_with_lm_reports_both_and_tunes_on_val(trained, capsys, ca
     assert (best.parent / "char_lm.json.gz").is_file()
     again = evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.mode=beam", "decode.workers=1")
     assert "test (beam): CER" in again                                 # reuses the saved LM
+
+
+def test_evaluate_counts_lm_text_lines_of_the_evaluated_splits(trained, tmp_path, capsys, caplog):
+    overrides, best, _ = trained
+    text = tmp_path / "corpus.txt"
+    text.write_text("ab\n  abc \nabz\ncab dab\nab\n", encoding="utf-8")     # test: ab, abz; val: abc, bcd
+    with caplog.at_level("WARNING", logger="htr"):
+        evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
+                            "decode.tune=true", "decode.lm_order=3", "decode.workers=1", f"decode.lm_text={text}",
+                            f"decode.lm_path={tmp_path / 'lm.json.gz'}")
+    report = json.loads((best.parent / "eval_test.json").read_text())
+    assert report["beam_settings"]["lm_text_overlap"] == {"test": 2, "val": 1}
+    assert f"2 of the 2 test lines occur verbatim in decode.lm_text {text}" in caplog.text
+    assert f"1 of the 2 val lines occur verbatim in decode.lm_text {text}" in caplog.text and "'abc'" in caplog.text
 
 
 def test_evaluate_bad_lm_file_is_clear(trained, tmp_path):

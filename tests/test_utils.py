@@ -4,7 +4,7 @@ import torch
 
 from conftest import ROOT
 from metrics import error_rates
-from utils import (Charset, UserError, autocast_dtype, load_config, mixed_precision, resolve_device, save_checkpoint,
+from utils import (Charset, UserError, atomic_write, autocast_dtype, load_config, mixed_precision, resolve_device,
                    split_cli, train_memory_format)
 
 CONFIG = ROOT / "config.yaml"
@@ -110,15 +110,12 @@ def test_wer_tokenizer_mode_splits_punctuation():
         error_rates(["a"], ["a"], "chars")
 
 
-def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint({"a": torch.ones(2)}, path)
-
-    def broken_save(obj, f):
-        f.write(b"partial")
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(RuntimeError):
-        save_checkpoint({"a": torch.zeros(2)}, path)
-    assert torch.load(path, weights_only=True)["a"].equal(torch.ones(2))   # old file intact
+def test_atomic_write_keeps_the_old_file_and_no_temp_on_any_error(tmp_path):
+    path = tmp_path / "metrics.csv"
+    with atomic_write(path, "w") as f:
+        f.write("epoch\n1\n")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(path, "w") as f:
+            f.write("epoch\n1\n2")
+            raise KeyboardInterrupt                                  # Ctrl-C half-way through a write
+    assert path.read_text() == "epoch\n1\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
