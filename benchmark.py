@@ -1,4 +1,5 @@
 """Throughput benchmark, JSON on stdout: python benchmark.py [config.yaml] [key=value ...] [--steps N] [--compile]
+                                        python benchmark.py config.yaml data.path=DIR --loader 0,1,2,8
 
 Measures, in one process, a plain baseline (fp32, eager, NCHW, no_grad) and the tuned path the scripts use
 (train.channels_last, BatchNorm folded and channels_last for inference, inference_mode, bf16 autocast per
@@ -8,9 +9,13 @@ prints their ratios: these machines are noisy and only same-run ratios are stabl
 Train = forward + backward + optimizer step at train.batch_size on random (B, 1, H, W) lines; eval = batched
 forward at eval.batch_size; demo = one line. achieved_gflops = lines/s x the forward's FLOPs (x3 for a train
 step), to compare with what the machine's convolutions and matmuls can do.
+--loader measures only the training data loader (lines/s, augmentation on, as trainer.py builds it) on the train
+split of data.path for each worker count given, each a full start (fork) and `--loader-lines` lines.
 """
 import argparse
+import itertools
 import json
+import math
 import platform
 import resource
 import tempfile
@@ -20,9 +25,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dataset import EpochBatchSampler, LineDataset, line_loader
 from models import HTRNet, ctc_loss, fuse_conv_bn, parameter_report
 from utils import (Charset, autocast_dtype, load_config, mixed_precision, resolve_device, train_memory_format,
-                   use_fixed_size_kernels)
+                   usable_cpus, use_fixed_size_kernels)
 
 N_CLASSES = 80          # IAM-sized charset + blank
 LLM_TEXT = "A MOVE to stop Mr. Gaitskell from nominating any more Labour life Peers"   # an IAM-length line
@@ -124,6 +130,25 @@ def measure_onnx(cfg, steps: int) -> dict:
                 for name, recognizer in (("fp32", OnnxRecognizer(fp32)), ("int8", OnnxRecognizer(int8)))}
 
 
+def measure_loader(cfg, workers: list, lines: int) -> dict:
+    """Training loader throughput per worker count: lines/s from starting the loader to its `lines`-th line."""
+    pre = cfg.preproc
+    t0 = time.perf_counter()
+    data = LineDataset(cfg.data.path, "train", pre.image_height, pre.image_width, cfg.data.cache, augment=True)
+    report = {"data": str(cfg.data.path), "train_lines": len(data), "batch_size": cfg.train.batch_size,
+              "cache_load_s": round(time.perf_counter() - t0, 2), "usable_cpus": usable_cpus()}
+    charset = Charset.from_texts(data.texts)
+    for n in workers:
+        sampler = EpochBatchSampler(len(data), cfg.train.batch_size, cfg.seed)
+        steps = min(sampler.steps_per_epoch, math.ceil(lines / cfg.train.batch_size))
+        t0, seen = time.perf_counter(), 0
+        for _, _, _, texts, _ in itertools.islice(line_loader(data, charset, batch_sampler=sampler, workers=n),
+                                                  steps):
+            seen += len(texts)
+        report[f"lines_per_s_{n}_workers"] = round(seen / (time.perf_counter() - t0), 1)
+    return report
+
+
 def forward_gflop_per_line(cfg) -> float:
     """FLOPs of one line's forward pass counted by torch (convolutions and linear layers; not the LSTM cells or
     attention, a few % here)."""
@@ -158,8 +183,15 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the tuned variant")
     parser.add_argument("--llm", action="store_true",
                         help="also time the tuned train step with the LLM path on (llm.* config keys)")
+    parser.add_argument("--loader", help="only time the training data loader, for these worker counts (0,1,2,8)")
+    parser.add_argument("--loader-lines", type=int, default=512, help="lines read per worker count")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
+    if args.loader:
+        workers = [int(n) for n in args.loader.split(",")]
+        print(json.dumps({"cpu": cpu_name(), "image": [cfg.preproc.image_height, cfg.preproc.image_width],
+                          "loader": measure_loader(cfg, workers, args.loader_lines)}, indent=2))
+        return
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -10,9 +10,8 @@ import logging
 from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
-from torch.utils.data import DataLoader
 
-from dataset import Collate, LineDataset, read_gt
+from dataset import LineDataset, line_loader, read_gt, worker_count
 from inference import predict
 from metrics import error_rates
 from onnx_runtime import load_recognizer
@@ -145,14 +144,14 @@ def unknown_chars(data: LineDataset, charset) -> str:
     return "".join(sorted(set().union(*(charset.unknown(t) for t in data.texts))))
 
 
-def make_loader(cfg, split: str, charset) -> DataLoader:
+def make_loader(cfg, split: str, charset):
     data = LineDataset(cfg.data.path, split, cfg.preproc.image_height, cfg.preproc.image_width, cfg.data.cache)
     unknown = unknown_chars(data, charset)
     if unknown:
         log.warning("%d character(s) of %s/%s are not in the model's charset and count as errors: %r",
                     len(unknown), cfg.data.path, split, unknown)
-    return DataLoader(data, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers,
-                      collate_fn=Collate(charset))
+    return line_loader(data, charset, batch_size=cfg.eval.batch_size,
+                       workers=worker_count(cfg.eval.num_workers, "eval.num_workers"))
 
 
 def infer(cfg, model, loader, charset) -> dict:

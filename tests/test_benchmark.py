@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, tiny_setup
 
 
 def test_benchmark_prints_consistent_json():
@@ -22,3 +22,13 @@ def test_benchmark_prints_consistent_json():
     assert onnx["eval_lines_per_s_fp32"] > 0 and onnx["eval_lines_per_s_int8"] > 0
     int8_ratio = onnx["eval_lines_per_s_int8"] / base["eval_lines_per_s"]
     assert abs(onnx["eval_speedup_vs_baseline"]["int8"] - int8_ratio) < 1e-9
+
+
+def test_loader_benchmark_reports_each_worker_count(tmp_path):
+    root, _ = tiny_setup(tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), str(ROOT / "config.yaml"), *TINY,
+                           f"data.path={root}", "--loader", "0,2", "--loader-lines", "8"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loader = json.loads(proc.stdout)["loader"]
+    assert loader["train_lines"] == 8 and loader["lines_per_s_0_workers"] > 0 and loader["lines_per_s_2_workers"] > 0
