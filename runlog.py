@@ -1,52 +1,97 @@
-"""Per-epoch metrics of a run: metrics.csv, TensorBoard scalars and a learning-curve PNG, all in the run directory."""
+"""What a run records, in its directory: per-step training losses (train_steps.csv, append-only), per-epoch metrics
+(metrics.csv, rewritten atomically), TensorBoard scalars, and learning_curve.png (smoothed per-step losses above,
+validation CER below)."""
 import csv
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from utils import atomic_write
 
 log = logging.getLogger("htr")
+SMOOTHED_POINTS = 40              # the plot's per-step losses are averaged over len/40 steps
+COUNTS = ("epoch", "step", "val_lines")
+
+
+def read_rows(path: Path, key: str) -> list:
+    """The numeric rows of a CSV that have `key`. Rows a crash cut short or a hand damaged are dropped with a
+    warning, never the run."""
+    if not path.is_file():
+        return []
+    rows, bad = [], 0
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for row in csv.DictReader(f):
+            try:
+                rows.append({k: (int if k in COUNTS else float)(float(v)) for k, v in row.items()
+                             if k is not None and v not in ("", None)})
+            except ValueError:
+                bad += 1
+    kept = [r for r in rows if key in r]
+    if bad or len(kept) < len(rows):
+        log.warning("%s: ignored %d unreadable row(s)", path, bad + len(rows) - len(kept))
+    return kept
+
+
+def write_rows(path: Path, rows: list) -> None:
+    with atomic_write(path, "w") as f:
+        writer = csv.DictWriter(f, list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def smooth(values, points: int = SMOOTHED_POINTS) -> np.ndarray:
+    """Trailing moving average over len/points steps (so any run length shows about that many wiggles)."""
+    window = max(1, len(values) // points)
+    sums = np.cumsum(np.insert(np.asarray(values, float), 0, 0.0))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool = True):
-        self.run_dir, self.enabled = Path(run_dir), enabled
-        self.csv_path = self.run_dir / "metrics.csv"
-        self.rows = self._read_rows() if enabled else []
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(self.run_dir / "tensorboard")
+    """A resumed run continues the files of its directory from its checkpoint's step (later rows, written after
+    that checkpoint, are redone and replaced). Only the first process of a run writes (`enabled`)."""
 
-    def _read_rows(self) -> list:
-        """Earlier rows of a resumed run, so the curve and the CSV continue. The file is written atomically, but
-        one edited or damaged by hand loses only its unreadable rows (with a warning), never the run."""
-        if not self.csv_path.is_file():
-            return []
-        rows, bad = [], 0
-        with open(self.csv_path, newline="", encoding="utf-8", errors="replace") as f:
-            for row in csv.DictReader(f):
-                try:
-                    rows.append({k: float(v) for k, v in row.items() if k is not None and v not in ("", None)})
-                except ValueError:
-                    bad += 1
-        rows = [r for r in rows if "epoch" in r]
-        if bad:
-            log.warning("%s: ignored %d unreadable row(s)", self.csv_path, bad)
-        return rows
+    def __init__(self, run_dir: Path, enabled: bool = True, step: int = 0):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.csv_path, self.steps_path = self.run_dir / "metrics.csv", self.run_dir / "train_steps.csv"
+        self.rows, self.steps, self.writer, self.steps_file = [], [], None, None
+        if not enabled:
+            return
+        self.rows = [r for r in read_rows(self.csv_path, "epoch") if r["step"] <= step]
+        self.steps = [r for r in read_rows(self.steps_path, "step") if r["step"] <= step]
+        if self.steps_path.is_file():
+            write_rows(self.steps_path, self.steps)
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(self.run_dir / "tensorboard", purge_step=step + 1 if step else None)
+
+    def record_step(self, step: int, losses: dict) -> None:
+        """One optimizer step's losses (and lr), appended to train_steps.csv and TensorBoard."""
+        if not self.enabled:
+            return
+        row = {"step": step, **losses}
+        if self.steps_file is None:
+            new = not self.steps_path.is_file() or self.steps_path.stat().st_size == 0
+            self.steps_file = open(self.steps_path, "a", newline="", encoding="utf-8")
+            self.steps_writer = csv.DictWriter(self.steps_file, list(row))
+            if new:
+                self.steps_writer.writeheader()
+        self.steps_writer.writerow(row)
+        self.steps_file.flush()
+        self.steps.append(row)
+        for key, value in losses.items():
+            self.writer.add_scalar(f"step/{key}", value, step)
 
     def record(self, epoch: int, step: int, stats: dict) -> None:
+        """An epoch's summary (mean losses, throughput, validation) in metrics.csv and TensorBoard."""
         if not self.enabled:
             return
         self.rows = [r for r in self.rows if r["epoch"] < epoch] + [{"epoch": epoch, "step": step, **stats}]
         for key, value in stats.items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
-        keys = list(dict.fromkeys(k for row in self.rows for k in row))
-        with atomic_write(self.csv_path, "w") as f:
-            writer = csv.DictWriter(f, keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_rows(self.csv_path, self.rows)
         if "val_cer" in stats:
             self.plot()
 
@@ -54,19 +99,29 @@ class RunLog:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["epoch"] for r in self.rows], [r["train_total"] for r in self.rows], label="train loss")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("train loss")
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+        steps = [r["step"] for r in self.steps]
+        for i, key in enumerate(k for k in ("ctc", "llm") if any(k in r for r in self.steps)):
+            xs, ys = zip(*[(r["step"], r[key]) for r in self.steps if key in r])
+            top.plot(xs, ys, color=f"C{i}", alpha=0.25, linewidth=0.5)
+            top.plot(xs, smooth(ys), color=f"C{i}", label=f"L_{key.upper()} (smoothed)")
+        top.set_yscale("log")
+        top.set_ylabel("training loss per step")
+        top.legend(loc="upper right")
         val = [r for r in self.rows if "val_cer" in r]
-        ax2 = ax.twinx()
-        ax2.plot([r["epoch"] for r in val], [100 * r["val_cer"] for r in val], "o-", color="C1", label="val CER")
-        ax2.set_ylabel("val CER (%)")
-        fig.legend(loc="upper right")
+        bottom.plot([r["step"] for r in val], [100 * r["val_cer"] for r in val], "o-", color="C2")
+        for r in val[-1:]:
+            bottom.annotate(f"{100 * r['val_cer']:.1f} %", (r["step"], 100 * r["val_cer"]),
+                            textcoords="offset points", xytext=(0, 6), ha="center")
+        bottom.set_ylabel("validation CER (%)")
+        bottom.set_xlabel("optimizer step")
+        bottom.set_xlim(0, max(steps + [r["step"] for r in val] + [1]))
         fig.tight_layout()
         fig.savefig(self.run_dir / "learning_curve.png", dpi=100)
         plt.close(fig)
 
     def close(self) -> None:
+        if self.steps_file is not None:
+            self.steps_file.close()
         if self.writer is not None:
             self.writer.close()

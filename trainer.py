@@ -99,7 +99,7 @@ class Trainer:
         if self.llm is not None:
             self.llm = self.acc.prepare(self.llm)                          # autocast (and DDP on several GPUs)
         self.run_dir = self._run_dir(cfg.resume)
-        self.runlog = RunLog(self.run_dir, enabled=self.acc.is_main_process)
+        self.runlog = RunLog(self.run_dir, enabled=self.acc.is_main_process, step=self.step)
         self.stop_signal = None
 
     # ------------------------------------------------------------------------------------------------- set-up
@@ -317,10 +317,12 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step, self.epoch_step, lines = self.step + 1, self.epoch_step + 1, lines + len(texts)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(texts)
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v * len(texts)
+            self.runlog.record_step(self.step, {**values, "lr": self.scheduler.get_last_lr()[0]})
             bar.update()
-            bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items() if k != "shortcut"},
+            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k != "shortcut"},
                             lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                             lines_s=f"{lines / (time.perf_counter() - t0):.1f}")
             if self.epoch_step < steps and self._stop_requested():
