@@ -337,11 +337,13 @@ class FrozenCausalLM(nn.Module):
     """A Hugging Face causal LM + tokenizer with frozen weights, pinned to eval mode (LoRA dropout excepted)."""
 
     def __init__(self, name: str, device: torch.device, gguf_file: str | None = None,
-                 attn_implementation: str | None = None, load_in_4bit: bool = False):
+                 attn_implementation: str | None = None, load_in_4bit: bool = False,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.name = name
-        self.tokenizer, self.model = self._load(name, torch.device(device), gguf_file, attn_implementation,
-                                                load_in_4bit)
+        device = torch.device(device)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.tokenizer, self.model = self._load(name, device, dtype, gguf_file, attn_implementation, load_in_4bit)
         self.model.requires_grad_(False)
         tok = self.tokenizer
         if tok.eos_token_id is None:
@@ -349,16 +351,17 @@ class FrozenCausalLM(nn.Module):
         self.bos_id = tok.bos_token_id  # None for e.g. Qwen2 (trained without BOS); GPT-2's is <|endoftext|> = EOS
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id  # pads are masked anyway
+        self.token_ids: dict[str, list[int]] = {}                      # each distinct text is tokenised once
         self.register_state_dict_post_hook(_drop_frozen)
         self.train(False)
 
     @staticmethod
-    def _load(name, device, gguf_file, attn_implementation, load_in_4bit):
+    def _load(name, device, dtype, gguf_file, attn_implementation, load_in_4bit):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
         if _looks_local(name) and not Path(name).expanduser().is_dir():
             raise LLMLoadError(f"llm.name={name!r} is not an existing directory: create it with `python prepare_llm.py "
                                f"smollm2 {name}`, or point llm.name at a saved model directory or a hub id")
-        kwargs = dict(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device_map={"": device})
+        kwargs = dict(dtype=dtype, device_map={"": device})
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         if gguf_file:  # dequantized to dense weights: packed GGUF layers are not meant for backprop
@@ -399,15 +402,22 @@ class FrozenCausalLM(nn.Module):
         return self.model.get_input_embeddings().weight.dtype
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        for text in set(texts) - self.token_ids.keys():
+            self.token_ids[text] = self.tokenizer(text, add_special_tokens=False).input_ids
+        return [self.token_ids[t] for t in texts]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)  # (B, L) -> (B, L, H)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        return out.loss  # mean token cross-entropy over labelled positions
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                first_label: int = 1) -> torch.Tensor:
+        """Mean cross-entropy of the labelled tokens (labels unshifted, IGNORE elsewhere, none before
+        `first_label`). The LM head runs only from the position before the first label on: its vocabulary-wide
+        projection is skipped for the prompt and the visual prefix."""
+        keep = torch.arange(first_label - 1, labels.shape[1] - 1, device=labels.device)    # (k,)
+        logits = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep,
+                            use_cache=False).logits                                       # (B, k, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=IGNORE)
 
 
 class LLMAssist(nn.Module):
@@ -426,7 +436,7 @@ class LLMAssist(nn.Module):
         embeds = self.lm.embed(batch.input_ids)  # (B, L, H)
         start, end = batch.prefix_start, batch.prefix_start + prefix.shape[1]
         embeds = torch.cat([embeds[:, :start], prefix, embeds[:, end:]], dim=1)  # (B, L, H)
-        return self.lm(embeds, batch.attention_mask, batch.labels)
+        return self.lm(embeds, batch.attention_mask, batch.labels, first_label=end)
 
     @staticmethod
     def sample_indices(batch_size: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -451,12 +461,24 @@ class LLMAssist(nn.Module):
         self.load_state_dict(state_dict, strict=False)  # strict=False: the frozen LLM weights are not in it
 
 
+def llm_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """llm.dtype: auto = bf16 where the device computes it natively (CUDA, CPUs with AMX / AVX512-BF16), else fp32."""
+    from utils import native_bf16
+    if setting == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if setting not in dtypes:
+        raise LLMLoadError(f"llm.dtype must be auto, bf16 or fp32, got {setting!r}")
+    return dtypes[setting]
+
+
 def build_llm_assist(cfg, device, feat_dim: int = 512) -> LLMAssist:
     """From the `llm` config node (OmegaConf or dict); absent optional keys take the defaults below.
     feat_dim is the width of the tapped features: 2 * arch.rnn_hidden_size."""
     device = torch.device(device)
     lm = FrozenCausalLM(cfg.get("name", "meta-llama/Llama-3.2-3B"), device, gguf_file=cfg.get("gguf_file"),
-                        attn_implementation=cfg.get("attn_implementation"), load_in_4bit=cfg.get("qlora", False))
+                        attn_implementation=cfg.get("attn_implementation"), load_in_4bit=cfg.get("qlora", False),
+                        dtype=llm_dtype(cfg.get("dtype", "auto"), device))
     lora = cfg.get("lora") or {}
     if lora.get("enabled", False):
         lm.add_lora(r=lora.get("r", 8), alpha=lora.get("alpha", 16), dropout=lora.get("dropout", 0.05),

@@ -20,7 +20,7 @@ def model_dirs(tmp_path_factory):
 
 
 def make_assist(path, **extra):
-    cfg = OmegaConf.create({"name": str(path), "num_queries": Q, "qformer_layers": 1, **extra})
+    cfg = OmegaConf.create({"name": str(path), "num_queries": Q, "qformer_layers": 1, "dtype": "fp32", **extra})
     return build_llm_assist(cfg, "cpu")
 
 
@@ -62,6 +62,31 @@ def test_labels_are_teacher_forced(model_dirs):
         target.append(torch.tensor(ids + [assist.lm.eos_id]))  # last text token predicts EOS
     expected = F.cross_entropy(torch.cat(pred), torch.cat(target))
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_llm_dtype_auto_is_bf16_where_native(model_dirs, monkeypatch, native):
+    import utils
+    monkeypatch.setattr(utils, "native_bf16", lambda device: native)
+    assist = make_assist(model_dirs / "tiny-llama", dtype="auto")
+    assert assist.lm.dtype == (torch.bfloat16 if native else torch.float32)
+    loss = assist(torch.randn(2, T, D), TEXTS)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.grad is None for p in assist.lm.parameters())          # no gradient for the frozen weights
+    assert all(p.grad is not None for p in assist.connector.parameters())
+    with pytest.raises(LLMLoadError, match="llm.dtype must be auto, bf16 or fp32"):
+        make_assist(model_dirs / "tiny-llama", dtype="fp8")
+
+
+def test_each_text_is_tokenised_once(model_dirs, monkeypatch):
+    assist = make_assist(model_dirs / "tiny-llama")
+    calls = []
+    tokenizer = assist.lm.tokenizer
+    monkeypatch.setattr(assist.lm, "tokenizer", lambda text, **kw: calls.append(text) or tokenizer(text, **kw))
+    for _ in range(3):
+        assist(torch.randn(2, T, D), TEXTS)
+    assert sorted(calls) == sorted(TEXTS)
 
 
 @pytest.mark.parametrize("kind, hidden", [("tiny-llama", 64), ("tiny-gpt2", 48)])
