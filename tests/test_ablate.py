@@ -1,0 +1,70 @@
+"""ablate.py: LLM-off vs LLM-on (tiny local Llama), one seed, interrupted and resumed, table and curves written."""
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ablate import bootstrap_ci, parse_arms
+from conftest import ROOT, tiny_setup
+from prepare_llm import write_tiny
+from runlog import read_rows
+from utils import UserError
+
+
+def ablate(args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "ablate.py", "config.yaml", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_two_arms_are_trained_evaluated_and_resumed_after_an_interruption(tmp_path):
+    _, overrides = tiny_setup(tmp_path)
+    write_tiny("tiny-llama", tmp_path / "llama")
+    out = tmp_path / "ablation"
+    args = [*overrides, "train.num_epochs=12", "train.val_every_k_epochs=4", f"llm.name={tmp_path / 'llama'}",
+            "llm.num_queries=8", "llm.qformer_layers=1", "--seeds", "1", "--out", str(out)]
+    first = ablate(args)
+    steps = out / "runs" / "llm_on_s1" / "train_steps.csv"
+    end = time.monotonic() + 300
+    while not steps.is_file() and first.poll() is None and time.monotonic() < end:
+        time.sleep(0.1)
+    first.send_signal(signal.SIGTERM)                                    # mid-training of the LLM-on arm
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 2 and "run the same command again to resume" in err, err[-2000:]
+    finished = (out / "runs" / "llm_off_s1" / "best.pt").stat().st_mtime_ns
+
+    second = ablate(args)
+    table, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-3000:]
+    assert "resuming llm_on_s1" in err and "llm_off_s1" not in err                      # finished: kept
+    assert (out / "runs" / "llm_off_s1" / "best.pt").stat().st_mtime_ns == finished    # not trained again
+    assert [r["step"] for r in read_rows(steps, "step")] == list(range(1, 25))         # resumed, not restarted
+    assert "| llm_off | greedy | 1 |" in table and "| llm_on | greedy | 1 |" in table
+    with open(out / "ablation.csv", newline="") as f:
+        off, on = [{k: float(v) for k, v in r.items() if k.startswith(("test_cer", "delta", "ci95"))}
+                   for r in csv.DictReader(f)]
+    assert 0 <= off["test_cer"] <= 1.5 and 0 <= on["test_cer"] <= 1.5 and off["delta_vs_llm_off"] == 0
+    assert on["delta_vs_llm_off"] == pytest.approx(on["test_cer"] - off["test_cer"])
+    assert on["ci95_low"] <= on["delta_vs_llm_off"] <= on["ci95_high"]
+    assert (out / "val_curves.png").stat().st_size > 1000
+
+
+def test_bootstrap_interval_covers_a_clear_difference():
+    lengths = np.full(200, 20.0)
+    base = np.full(200, 4.0)                                             # 20 % CER
+    better = base - np.random.default_rng(0).integers(1, 3, 200)         # about 7.5 points better on every line
+    low, high = bootstrap_ci(better, base, lengths)
+    assert low < high < 0 and low > -0.1
+    low, high = bootstrap_ci(base, base, lengths)
+    assert low == high == 0
+
+
+def test_arm_specs_are_checked():
+    assert parse_arms(["a1:train.use_llm=true,train.llm_alpha=0.1"])["a1"] == ["train.use_llm=true",
+                                                                               "train.llm_alpha=0.1"]
+    for bad in ["noparts", "x:", "x:novalue", "llm_on:train.lr=1"]:
+        with pytest.raises(UserError, match="--arm"):
+            parse_arms([bad])
