@@ -58,3 +58,20 @@ def test_resume_without_llm_state_is_clear(tiny_overrides, tiny_llama):
     with pytest.raises(UserError, match="trained without the LLM path"):
         make(tiny_overrides + ["train.use_llm=true", f"llm.name={tiny_llama}", "llm.num_queries=8",
                                f"resume={last}"], resume=last)
+
+
+def test_probe_reports_losses_and_gradients_at_the_tapped_features(tiny_overrides, tiny_llama, capsys):
+    import json
+
+    import probe_llm
+    llm = ["train.use_llm=true", f"llm.name={tiny_llama}", "llm.num_queries=8"]
+    last = make(tiny_overrides + llm + ["train.num_epochs=2"]).fit()
+    probe_llm.main([str(ROOT / "config.yaml"), *tiny_overrides, *llm, f"resume={last}", "--batches", "2"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["batches"] == 2 and report["step"] == 4
+    for key in ("l_ctc", "l_llm", "l_llm_shuffled_prefix", "l_text_only", "grad_norm_ctc", "grad_norm_llm"):
+        assert report[key] > 0 and report[key] == report[key], key             # positive, not NaN
+    assert -1 <= report["grad_cosine"] <= 1
+    off = make(tiny_overrides + ["train.num_epochs=1", "model.run_name=off"]).fit()
+    with pytest.raises(UserError, match="trained without the LLM path"):
+        probe_llm.main([str(ROOT / "config.yaml"), *tiny_overrides, *llm, f"resume={off}"])
