@@ -80,7 +80,7 @@ class ImageFinder:
             found = root.rglob("*") if max_depth is None else (
                 p for depth in range(1, max_depth + 1) for p in root.glob("/".join(["*"] * depth)))
             for path in sorted(found):
-                if path.suffix.lower() in IMAGE_EXTS and not _hidden(path, root):
+                if path.suffix.lower() in IMAGE_EXTS and not hidden(path, root):
                     self.by_stem.setdefault(path.stem.lower(), []).append(path)
 
     @staticmethod
@@ -107,7 +107,8 @@ class ImageFinder:
         return None, "missing"
 
 
-def _hidden(path: Path, root: Path) -> bool:
+def hidden(path: Path, root: Path) -> bool:
+    """Whether `path` (under `root`) is hidden or inside a hidden folder."""
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
@@ -166,6 +167,11 @@ class LineCutter:
         self.image, self.spacing, self.typical = image, spacing, typical
         self.pad = max(2, round(DILATE * spacing))
 
+    @classmethod
+    def of_page(cls, image: np.ndarray, lines: list[Line]) -> "LineCutter":
+        """A cutter with the line spacing and typical height of the page's lines (in image pixels)."""
+        return cls(image, *line_metrics(lines, fallback=image.shape[0] / 30))
+
     def _on_page(self, points: np.ndarray) -> bool:
         h, w = self.image.shape
         tol = 0.02 * max(h, w)
@@ -212,6 +218,11 @@ class LineCutter:
             return None, None
         return np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]), f"bounding box ({problem})"
 
+    def crop(self, line: Line) -> tuple[np.ndarray | None, str | None]:
+        """-> (the line's image (h, w) uint8, or None without usable geometry; fallback used or None)."""
+        outline, fallback = self.outline(line)
+        return (None if outline is None else self.cut(outline)), fallback
+
     def cut(self, outline: np.ndarray) -> np.ndarray | None:
         """Paint everything outside the dilated outline paper grey and crop to its box -> (h, w) uint8."""
         h, w = self.image.shape
@@ -235,6 +246,14 @@ class PageProblem(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+
+def find_image(page: Page, finder: ImageFinder) -> tuple[Path, str]:
+    """-> (the page's image, how it was found); PageProblem if there is none."""
+    path, how = finder.find(page.path, page.image_name)
+    if path is None:
+        raise PageProblem("no image", f"{page.path}: no image found (the XML names {page.image_name!r})")
+    return path, how
 
 
 def load_image(page: Page, path: Path) -> tuple[np.ndarray, list[Line]]:
@@ -265,7 +284,7 @@ def clean_text(text: str) -> str:
 def cut_lines(job: Job, image: np.ndarray, lines: list[Line], out_dir: Path, line_types: frozenset,
               scale: float) -> tuple[list, dict]:
     """Write the wanted lines' images -> ([[line id, text, XML line id, fallback or None]], {skip reason: count})."""
-    cutter = LineCutter(image, *line_metrics(lines, fallback=image.shape[0] / 30))
+    cutter = LineCutter.of_page(image, lines)
     written, skipped = [], Counter()
     for n, line in enumerate(lines, 1):
         text = clean_text(line.text)
@@ -275,8 +294,7 @@ def cut_lines(job: Job, image: np.ndarray, lines: list[Line], out_dir: Path, lin
         if not text:
             skipped["empty text"] += 1
             continue
-        outline, fallback = cutter.outline(line)
-        crop = None if outline is None else cutter.cut(outline)
+        crop, fallback = cutter.crop(line)
         if crop is None:
             skipped["no usable geometry"] += 1
             continue
@@ -301,9 +319,7 @@ def process_page(job: Job, out_dir: Path, finder: ImageFinder, line_types: froze
     sidecar = out_dir / "pages" / f"{job.uid}.json"
     try:
         page = read_page(job.xml)
-        image_path, how = finder.find(job.xml, page.image_name)
-        if image_path is None:
-            raise PageProblem("no image", f"{job.xml}: no image found (the XML names {page.image_name!r})")
+        image_path, how = find_image(page, finder)
         stat = job.xml.stat()
         settings = {"version": VERSION, "xml": [str(job.xml), stat.st_mtime_ns, stat.st_size],
                     "image": str(image_path), "split": job.split, "line_types": sorted(line_types), "scale": scale}
@@ -436,7 +452,7 @@ def check_args(args) -> list[Path]:
     if args.scale <= 0:
         raise UserError("--scale must be > 0")
     xml_dir = args.xml_dir.resolve()
-    xmls = sorted(p for p in xml_dir.rglob("*.xml") if not _hidden(p, xml_dir))
+    xmls = sorted(p for p in xml_dir.rglob("*.xml") if not hidden(p, xml_dir))
     if not xmls:
         raise UserError(f"no *.xml files under {args.xml_dir}")
     return xmls
