@@ -2,20 +2,26 @@
 
 Greedy CTC decoding by default; with decode.mode=beam also CTC prefix beam search with a character n-gram LM,
 reported side by side (decode.build_lm=true estimates the LM, decode.tune=true tunes its weight on val). Writes
-eval_<split>.json (report) and eval_<split>.csv (lines, worst first) next to the checkpoint.
+eval_<data>_<split>.json (report) and eval_<data>_<split>.csv (lines, worst first) next to the checkpoint (into a
+model folder; for a Hub id into ./<owner>--<name>/), <data> being the last two components of data.path
+(data_name), so evaluating other data never overwrites a report. The report records what was measured: data path
+(resolved), split, runtime, decoding settings and the model (checkpoint, charset size, architecture, training
+epoch and step).
 """
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 
+import torch
 from rapidfuzz.distance import Levenshtein
 
 from dataset import LineDataset, line_loader, read_gt, worker_count
 from inference import predict
 from metrics import error_rates
 from onnx_runtime import load_recognizer
-from utils import (UserError, autocast_dtype, config_from_cli, normalize_text, resolve_device, run_main,
+from utils import (UserError, autocast_dtype, config_from_cli, normalize_text, resolve_device, run_main, to_plain,
                    use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
@@ -45,8 +51,21 @@ def confidence_check(rows: list) -> dict:
 
 # ------------------------------------------------------------------------------------------------- beam search
 
+def output_dir(checkpoint) -> Path:
+    """Where a model's reports and LM go: beside a checkpoint file, inside a model folder, and for a Hub id (which
+    lives in huggingface_hub's cache) in ./<owner>--<name>/."""
+    path = Path(str(checkpoint))
+    if path.is_dir():
+        return path
+    if path.exists():
+        return path.parent
+    hub = Path(str(checkpoint).replace("/", "--"))
+    hub.mkdir(exist_ok=True)
+    return hub
+
+
 def lm_file(cfg, checkpoint) -> Path:
-    return Path(cfg.decode.lm_path) if cfg.decode.lm_path else Path(checkpoint).parent / "char_lm.json.gz"
+    return Path(cfg.decode.lm_path) if cfg.decode.lm_path else output_dir(checkpoint) / "char_lm.json.gz"
 
 
 def build_lm(cfg, charset, path: Path):
@@ -160,6 +179,29 @@ def infer(cfg, model, loader, charset) -> dict:
                    autocast_dtype=autocast_dtype(cfg.eval.mixed_precision, resolve_device(cfg.device)))
 
 
+def data_name(path) -> str:
+    """A dataset's name in report file names: the last two components of its resolved path, joined and sanitised
+    (./data/IAM/processed_lines -> IAM_processed_lines)."""
+    name = "_".join(Path(path).resolve().parts[-2:])
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_") or "data"
+
+
+def model_info(cfg, checkpoint, charset) -> dict:
+    """What the report says about the model: file, charset size, line size, architecture (PyTorch runtime), the
+    training epoch and step of a trainer.py checkpoint (read memory-mapped) and the run's config.yaml if beside it."""
+    path = Path(checkpoint)
+    info = {"path": str(path.resolve()), "charset_size": len(charset.chars), "preproc": to_plain(cfg.preproc)}
+    if cfg.runtime == "torch":
+        info["arch"] = to_plain(cfg.arch)
+    if path.is_file() and path.suffix == ".pt":
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        info.update({k: ckpt[k] for k in ("epoch", "step") if k in ckpt})
+    run_config = (path if path.is_dir() else path.parent) / "config.yaml"
+    if run_config.is_file():
+        info["run_config"] = str(run_config.resolve())
+    return info
+
+
 def evaluate(cfg, checkpoint) -> dict:
     if cfg.decode.mode not in ("greedy", "beam"):
         raise UserError(f"decode.mode must be greedy or beam, got {cfg.decode.mode!r}")
@@ -172,8 +214,12 @@ def evaluate(cfg, checkpoint) -> dict:
     out = infer(cfg, model, loader, charset)
     out["greedy"] = out.pop("hyps")
     data = loader.dataset
-    report = {"checkpoint": str(checkpoint), "data": str(cfg.data.path), "split": cfg.eval.split,
-              "lines": len(data), "skipped": len(data.skipped), "unknown_chars": unknown_chars(data, charset)}
+    report = {"checkpoint": str(checkpoint), "data": str(cfg.data.path),
+              "data_path": str(Path(cfg.data.path).resolve()), "data_name": data_name(cfg.data.path),
+              "split": cfg.eval.split, "runtime": cfg.runtime,
+              "decode": to_plain(cfg.decode) if cfg.decode.mode == "beam" else {"mode": "greedy"},
+              "model": model_info(cfg, checkpoint, charset), "lines": len(data), "skipped": len(data.skipped),
+              "unknown_chars": unknown_chars(data, charset)}
     if cfg.decode.mode == "beam":
         report["beam_settings"] = beam_decode(cfg, model, charset, out, checkpoint)
     modes = [m for m in ("greedy", "beam", "llm") if m in out]
@@ -183,17 +229,19 @@ def evaluate(cfg, checkpoint) -> dict:
     report.update(decoding=best, cer=report[best]["cer"], wer=report[best]["wer"])
     rows = line_rows(out, best)
     report["confidence"] = confidence_check(rows)
-    write_outputs(Path(checkpoint).parent, cfg.eval.split, report, rows)
+    write_outputs(output_dir(checkpoint), f"eval_{report['data_name']}_{cfg.eval.split}", report, rows)
     return report
 
 
-def write_outputs(out_dir: Path, split: str, report: dict, rows: list) -> None:
-    (out_dir / f"eval_{split}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=float))
-    with open(out_dir / f"eval_{split}.csv", "w", newline="", encoding="utf-8") as f:
+def write_outputs(out_dir: Path, name: str, report: dict, rows: list) -> None:
+    """out_dir/name.json (the report) and out_dir/name.csv (the lines)."""
+    json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=float))
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    log.info("wrote %s and %s", out_dir / f"eval_{split}.json", out_dir / f"eval_{split}.csv")
+    log.info("wrote %s and %s", json_path, csv_path)
 
 
 def main(argv=None):

@@ -2,6 +2,7 @@
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import cv2
 import pytest
 
 from conftest import ROOT, in_colour, tiny_setup
+from evaluate import data_name
 from utils import UserError
 
 
@@ -18,6 +20,11 @@ def run(script, *args, ok=True):
     if ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def report_file(best, root, ext="json"):
+    """evaluate.py's report on the test split of `root`, beside the checkpoint `best`."""
+    return best.parent / f"eval_{data_name(root)}_test.{ext}"
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +45,17 @@ def test_train_writes_run_directory(trained):
 
 
 def test_evaluate_reports_and_handles_unknown_chars(trained):
-    overrides, best, _ = trained
+    overrides, best, root = trained
     proc = run("evaluate.py", *overrides, f"resume={best}")
     assert "test (greedy): CER" in proc.stdout
     assert "not in the model's charset" in proc.stderr and "'z'" in proc.stderr
-    report = json.loads((best.parent / "eval_test.json").read_text())
+    report = json.loads(report_file(best, root).read_text())
     assert report["lines"] == 2 and report["unknown_chars"] == "z"
-    assert (best.parent / "eval_test.csv").read_text().startswith("id,errors,cer,confidence,")
-    with open(best.parent / "eval_test.csv", newline="", encoding="utf-8") as f:
+    assert report["data_path"] == str(root.resolve()) and report["split"] == "test" and report["runtime"] == "torch"
+    assert report["decode"] == {"mode": "greedy"} and report["model"]["path"] == str(best.resolve())
+    assert report["model"]["charset_size"] == 4 and report["model"]["epoch"] in (1, 2) and report["model"]["step"] > 0
+    assert report_file(best, root, "csv").read_text().startswith("id,errors,cer,confidence,")
+    with open(report_file(best, root, "csv"), newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["reference"] for r in rows) == ["ab", "abz"]
     errors = sum(int(r["errors"]) for r in rows)
@@ -106,14 +116,24 @@ def evaluate_in_process(capsys, *args):
     return capsys.readouterr().out
 
 
+def test_reports_are_named_after_their_data(trained, tmp_path, capsys):
+    overrides, best, root = trained
+    other = tmp_path / "other" / "lines"
+    shutil.copytree(root, other)
+    evaluate_in_process(capsys, *overrides, f"resume={best}", f"data.path={other}")
+    assert data_name(other) == "other_lines" and data_name("./data/IAM/processed_lines") == "IAM_processed_lines"
+    assert json.loads(report_file(best, other).read_text())["data_path"] == str(other.resolve())
+    assert report_file(best, root) != report_file(best, other)
+
+
 def test_evaluate_beam_with_lm_reports_both_and_tunes_on_val(trained, capsys, caplog):
-    overrides, best, _ = trained
+    overrides, best, root = trained
     with caplog.at_level("INFO", logger="htr"):
         out = evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
                                   "decode.tune=true", "decode.lm_order=3", "decode.workers=1")
     assert "test (greedy): CER" in out and "test (beam): CER" in out
     assert "tune on val" in caplog.text
-    report = json.loads((best.parent / "eval_test.json").read_text())
+    report = json.loads(report_file(best, root).read_text())
     assert report["beam_settings"]["val_tuning"] and report["cer"] == report["beam"]["cer"]
     assert set(report["confidence"]) == {"cer_lowest_confidence_decile", "cer_other_lines"}
     assert (best.parent / "char_lm.json.gz").is_file()
@@ -122,14 +142,14 @@ def test_evaluate_beam_with_lm_reports_both_and_tunes_on_val(trained, capsys, ca
 
 
 def test_evaluate_counts_lm_text_lines_of_the_evaluated_splits(trained, tmp_path, capsys, caplog):
-    overrides, best, _ = trained
+    overrides, best, root = trained
     text = tmp_path / "corpus.txt"
     text.write_text("ab\n  abc \nabz\ncab dab\nab\n", encoding="utf-8")     # test: ab, abz; val: abc, bcd
     with caplog.at_level("WARNING", logger="htr"):
         evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
                             "decode.tune=true", "decode.lm_order=3", "decode.workers=1", f"decode.lm_text={text}",
                             f"decode.lm_path={tmp_path / 'lm.json.gz'}")
-    report = json.loads((best.parent / "eval_test.json").read_text())
+    report = json.loads(report_file(best, root).read_text())
     assert report["beam_settings"]["lm_text_overlap"] == {"test": 2, "val": 1}
     assert f"2 of the 2 test lines occur verbatim in decode.lm_text {text}" in caplog.text
     assert f"1 of the 2 val lines occur verbatim in decode.lm_text {text}" in caplog.text and "'abc'" in caplog.text
@@ -145,13 +165,13 @@ def test_evaluate_bad_lm_file_is_clear(trained, tmp_path):
 
 def test_evaluate_llm_rescoring_reports_three_decodings(trained, tmp_path, capsys):
     from prepare_llm import write_tiny
-    overrides, best, _ = trained
+    overrides, best, root = trained
     write_tiny("tiny-llama", tmp_path / "tiny-llama")
     out = evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",
                               "decode.lm_order=3", "decode.workers=1", "decode.llm_rescore=true",
                               f"llm.name={tmp_path / 'tiny-llama'}")
     assert "test (llm): CER" in out
-    report = json.loads((best.parent / "eval_test.json").read_text())
+    report = json.loads(report_file(best, root).read_text())
     assert report["decoding"] == "llm" and "beta" in report["beam_settings"]["llm_rescore"]
     with pytest.raises(UserError, match="add decode.mode=beam"):
         evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.llm_rescore=true")
