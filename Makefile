@@ -23,8 +23,9 @@ quickstart: install
 	$(BIN)/python demo.py config_quick.yaml resume=$(QUICK_RUN)/best.pt \
 	    $$(ls data/synthetic/test/*.png | head -n 1)
 
+# -rs prints why a test was skipped (tests/test_serve.py without /usr/bin/chromium).
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 bench: install
 	$(BIN)/python benchmark.py

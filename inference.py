@@ -1,20 +1,64 @@
-"""The recognizer at inference: a checkpoint loaded for evaluation, CTC log-probs of a batch, greedy predictions."""
+"""The recognizer at inference: a checkpoint, model folder or Hub model loaded for evaluation, CTC log-probs of a
+batch, greedy predictions."""
+import logging
+
 import torch
+from omegaconf import open_dict
 
 from decoding import greedy_decode, line_confidence
+from model_folder import CHARSET, WEIGHTS, model_folder, read_model_folder
 from models import HTRNet, fuse_conv_bn
-from utils import Charset, check_compatible, load_checkpoint
+from utils import Charset, UserError, check_compatible, load_checkpoint, to_plain
+
+log = logging.getLogger("htr")
 
 
 def load_model(cfg, path):
-    """Build the recognizer from a checkpoint for inference (eval mode, BatchNorm folded into the convolutions):
-    (model, charset, checkpoint dict)."""
-    ckpt = load_checkpoint(path)
-    check_compatible(ckpt, cfg, path)
+    """Build the recognizer for inference (eval mode, BatchNorm folded into the convolutions) from a .pt checkpoint
+    (whose arch and preproc must match cfg's), a model folder or a Hub id (model_folder.py): (model, charset,
+    checkpoint-like dict with the unfolded state_dict under "model"). A folder brings its own architecture: its arch
+    and preproc replace cfg's, in place, so that callers preprocess lines to its size, and its LM becomes
+    decode.lm_path unless one is set."""
+    folder = model_folder(path)
+    if folder is None:
+        ckpt = load_checkpoint(path)
+        check_compatible(ckpt, cfg, path)
+        sources = (path, path)
+    else:
+        ckpt = read_model_folder(folder)
+        adopt_folder_settings(cfg, ckpt, folder)
+        sources = (folder / WEIGHTS, folder / CHARSET)
     charset = Charset(ckpt["charset"])
     model = HTRNet(cfg.arch, len(charset))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], *sources)
     return fuse_conv_bn(model.eval()), charset, ckpt
+
+
+def adopt_folder_settings(cfg, ckpt: dict, folder) -> None:
+    """cfg takes a model folder's arch and preproc (noted where they differ) and its LM unless decode.lm_path is set."""
+    changed = [f"{s}.{k}={v}" for s in ("arch", "preproc") for k, v in ckpt[s].items() if to_plain(cfg[s]).get(k) != v]
+    if changed:
+        log.info("model folder %s brings its own settings: %s", folder, ", ".join(changed))
+    with open_dict(cfg):
+        cfg.arch, cfg.preproc = ckpt["arch"], ckpt["preproc"]
+        if ckpt["lm"] is not None and not cfg.decode.lm_path:
+            cfg.decode.lm_path = str(ckpt["lm"])
+
+
+def load_weights(model: HTRNet, state: dict, weights_source, charset_source) -> None:
+    """Load `state` into `model`; a mismatch is one UserError: of the class count (naming the charset's source) or
+    of the architecture (naming the tensors)."""
+    own = model.state_dict()
+    wrong = sorted(k for k in own.keys() | state.keys()
+                   if k not in own or k not in state or own[k].shape != state[k].shape)
+    if wrong and all(k in own and k in state and k.rsplit(".", 1)[0] in model.class_layers() for k in wrong):
+        raise UserError(f"{charset_source} has {own[wrong[0]].shape[0] - 1} characters but {weights_source} has "
+                        f"{state[wrong[0]].shape[0] - 1} output classes besides the CTC blank: the two files come "
+                        f"from different models")
+    if wrong:
+        raise UserError(f"{weights_source} does not fit the architecture (arch): tensors missing or of another "
+                        f"shape: {', '.join(wrong[:8])}" + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
+    model.load_state_dict(state)
 
 
 @torch.inference_mode()

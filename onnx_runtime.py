@@ -21,6 +21,9 @@ def metadata(charset: Charset, image_height: int, image_width: int) -> dict:
 
 def open_session(path: Path):
     import onnxruntime as ort
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; runtime=onnx takes the .onnx file export.py wrote (a model folder "
+                        f"runs with runtime=torch)")
     if not path.is_file():
         raise UserError(f"ONNX model not found: {path} (write one with python export.py config.yaml resume=CKPT)")
     opts = ort.SessionOptions()
@@ -54,8 +57,9 @@ class OnnxRecognizer:
 
 
 def load_recognizer(cfg, path, runtime: str = "torch", device="cpu", channels_last: bool = False) -> tuple:
-    """(recognizer, charset): an eval-mode HTRNet from a .pt checkpoint (runtime torch, on `device`) or an
-    OnnxRecognizer from an exported .onnx (runtime onnx, CPU) whose sizes must match cfg.preproc."""
+    """(recognizer, charset): an eval-mode HTRNet (runtime torch, on `device`) from a .pt checkpoint, a model folder
+    or a Hub id (inference.load_model: a folder's arch and preproc replace cfg's), or an OnnxRecognizer from an
+    exported .onnx (runtime onnx, CPU) whose sizes must match cfg.preproc."""
     if runtime == "torch":
         model, charset, _ = load_model(cfg, path)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
