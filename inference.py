@@ -48,9 +48,7 @@ def adopt_folder_settings(cfg, ckpt: dict, folder) -> None:
 def load_weights(model: HTRNet, state: dict, weights_source, charset_source) -> None:
     """Load `state` into `model`; a mismatch is one UserError: of the class count (naming the charset's source) or
     of the architecture (naming the tensors)."""
-    own = model.state_dict()
-    wrong = sorted(k for k in own.keys() | state.keys()
-                   if k not in own or k not in state or own[k].shape != state[k].shape)
+    own, wrong = model.state_dict(), model.mismatched(state)
     if wrong and all(k in own and k in state and k.rsplit(".", 1)[0] in model.class_layers() for k in wrong):
         raise UserError(f"{charset_source} has {own[wrong[0]].shape[0] - 1} characters but {weights_source} has "
                         f"{state[wrong[0]].shape[0] - 1} output classes besides the CTC blank: the two files come "

@@ -197,14 +197,20 @@ class HTRNet(nn.Module):
         return (["head.fc.3"] if self.head.head_type != "cnn" else []) + \
             (["head.shortcut"] if self.head.head_type != "rnn" else [])
 
+    def mismatched(self, state: dict, skip=()) -> list:
+        """Keys present in only one of `state` and this model's state_dict, or whose shapes differ (shapes are not
+        compared for the keys in `skip`)."""
+        own = self.state_dict()
+        return sorted((own.keys() ^ state.keys()) |
+                      {k for k in (own.keys() & state.keys()) - set(skip) if own[k].shape != state[k].shape})
+
     def load_resized(self, state: dict, old_chars: str, new_chars: str) -> None:
         """Load the weights of a model with another character set (kraken's --resize): the class rows of the blank
         and of the characters both sets share are copied, new characters keep their fresh initialisation.
         ValueError names the tensors that differ otherwise (another architecture)."""
         own = self.state_dict()
         classes = {k for k in own if k.rsplit(".", 1)[0] in self.class_layers()}
-        differ = sorted((own.keys() ^ state.keys()) |
-                        {k for k in (own.keys() & state.keys()) - classes if own[k].shape != state[k].shape})
+        differ = self.mismatched(state, skip=classes)
         if differ:
             raise ValueError(f"tensors missing or of another shape: {', '.join(differ[:8])}"
                              + (f" and {len(differ) - 8} more" if len(differ) > 8 else ""))
