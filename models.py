@@ -483,7 +483,8 @@ def build_llm_assist(cfg, device, feat_dim: int = 512) -> LLMAssist:
     feat_dim is the width of the tapped features: 2 * arch.rnn_hidden_size."""
     device = torch.device(device)
     lm = FrozenCausalLM(cfg.get("name", "meta-llama/Llama-3.2-3B"), device, gguf_file=cfg.get("gguf_file"),
-                        attn_implementation=cfg.get("attn_implementation"), load_in_4bit=cfg.get("qlora", False),
+                        attn_implementation=cfg.get("attn_implementation") or ("eager" if device.type == "cpu" else None),
+                        load_in_4bit=cfg.get("qlora", False),
                         dtype=llm_dtype(cfg.get("dtype", "auto"), device))
     lora = cfg.get("lora") or {}
     if lora.get("enabled", False):

@@ -75,6 +75,7 @@ def test_llm_dtype_auto_is_bf16_where_native(model_dirs, monkeypatch, native):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.grad is None for p in assist.lm.parameters())          # no gradient for the frozen weights
     assert all(p.grad is not None for p in assist.connector.parameters())
+    assert assist.lm.model.config._attn_implementation == "eager"      # on the CPU: faster than sdpa here
     with pytest.raises(LLMLoadError, match="llm.dtype must be auto, bf16 or fp32"):
         make_assist(model_dirs / "tiny-llama", dtype="fp8")
 
