@@ -58,7 +58,8 @@ def train(config: str, overrides: list, run_dir: Path) -> float:
         return json.loads(done.read_text())["train_seconds"]
     spent = json.loads((run_dir / "partial.json").read_text())["train_seconds"] \
         if (run_dir / "partial.json").is_file() else 0.0
-    resume = [f"resume={run_dir / 'last.pt'}"] if (run_dir / "last.pt").is_file() else []
+    resume = [f"resume={run_dir / 'last.pt'}", "train.init_from=null"] if (run_dir / "last.pt").is_file() \
+        else []                                                         # the run's own weights already hold init_from
     cmd = [sys.executable, str(HERE / "trainer.py"), config, *overrides, *resume]
     log.info("%s %s", "resuming" if resume else "training", run_dir.name)
     t0 = time.perf_counter()
