@@ -107,7 +107,8 @@ class RunLog:
             top.plot(xs, smooth(ys), color=f"C{i}", label=f"L_{key.upper()} (smoothed)")
         top.set_yscale("log")
         top.set_ylabel("training loss per step")
-        top.legend(loc="upper right")
+        if top.lines:                                                   # no steps logged yet: no legend
+            top.legend(loc="upper right")
         val = [r for r in self.rows if "val_cer" in r]
         bottom.plot([r["step"] for r in val], [100 * r["val_cer"] for r in val], "o-", color="C2")
         for r in val[-1:]:
