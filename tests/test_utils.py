@@ -32,6 +32,13 @@ def test_quick_config_derives_from_the_paper_config():
     assert quick.arch.head_type == "both" and "mobilevit1" in quick.arch.cnn_cfg
 
 
+def test_real_config_has_the_quick_start_models_shape():
+    """config_real.yaml's runs start from the quick-start model (train.init_from): same arch and line size."""
+    quick, real = load_config(ROOT / "config_quick.yaml"), load_config(ROOT / "config_real.yaml")
+    assert real.arch == quick.arch and real.preproc == quick.preproc
+    assert real.data.path == "./data/hooker/lines" and real.train.use_llm is False
+
+
 def test_missing_config_file_is_clear(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
