@@ -169,8 +169,9 @@ class Trainer:
             assist = build_llm_assist(self.cfg.llm, self.acc.device, feat_dim=2 * self.cfg.arch.rnn_hidden_size)
         except LLMLoadError as e:
             raise UserError(str(e)) from None
-        log.info("LLM path: %s, connector + LoRA %.2fM trainable parameters", self.cfg.llm.name,
-                 sum(p.numel() for p in assist.trainable_parameters()) / 1e6)
+        log.info("LLM path: %s, %.2fM trainable parameters (connector%s)", self.cfg.llm.name,
+                 sum(p.numel() for p in assist.trainable_parameters()) / 1e6,
+                 " + LoRA" if self.cfg.llm.lora.enabled else "")
         return assist
 
     def _run_dir(self, resume) -> Path:
