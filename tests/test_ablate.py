@@ -28,7 +28,8 @@ def test_two_arms_are_trained_evaluated_and_resumed_after_an_interruption(tmp_pa
     init = subprocess.run([sys.executable, "trainer.py", "config.yaml", *overrides, "train.max_steps=1",
                            f"model.save_dir={tmp_path / 'init'}", "model.run_name=init"], cwd=ROOT, capture_output=True)
     assert init.returncode == 0, init.stderr[-2000:]
-    args = [*overrides, f"train.init_from={tmp_path / 'init' / 'init' / 'last.pt'}", "train.num_epochs=12", "train.val_every_k_epochs=4", f"llm.name={tmp_path / 'llama'}",
+    args = [*overrides, f"train.init_from={tmp_path / 'init' / 'init' / 'last.pt'}", "train.num_epochs=12",
+            "train.val_every_k_epochs=4", f"llm.name={tmp_path / 'llama'}",
             "llm.num_queries=8", "llm.qformer_layers=1", "--seeds", "1", "--out", str(out)]
     first = ablate(args)
     steps = out / "runs" / "llm_on_s1" / "train_steps.csv"
