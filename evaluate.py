@@ -20,6 +20,7 @@ from rapidfuzz.distance import Levenshtein
 from dataset import LineDataset, line_loader, read_gt, worker_count
 from inference import predict
 from metrics import error_rates
+from model_folder import LM
 from onnx_runtime import load_recognizer
 from utils import (UserError, autocast_dtype, config_from_cli, normalize_text, resolve_device, run_main, to_plain,
                    use_fixed_size_kernels)
@@ -65,7 +66,7 @@ def output_dir(checkpoint) -> Path:
 
 
 def lm_file(cfg, checkpoint) -> Path:
-    return Path(cfg.decode.lm_path) if cfg.decode.lm_path else output_dir(checkpoint) / "char_lm.json.gz"
+    return Path(cfg.decode.lm_path) if cfg.decode.lm_path else output_dir(checkpoint) / LM
 
 
 def build_lm(cfg, charset, path: Path):
@@ -202,9 +203,13 @@ def model_info(cfg, checkpoint, charset) -> dict:
     return info
 
 
-def evaluate(cfg, checkpoint) -> dict:
+def check_decode_mode(cfg) -> None:
     if cfg.decode.mode not in ("greedy", "beam"):
         raise UserError(f"decode.mode must be greedy or beam, got {cfg.decode.mode!r}")
+
+
+def evaluate(cfg, checkpoint) -> dict:
+    check_decode_mode(cfg)
     if cfg.decode.llm_rescore and cfg.decode.mode != "beam":
         raise UserError("decode.llm_rescore=true rescores beam-search n-best lists: add decode.mode=beam")
     device = resolve_device(cfg.device)

@@ -26,6 +26,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dataset import LineDataset
+from evaluate import lm_file
 from decoding import CharNgramLM, greedy_decode
 from inference import line_log_probs, load_model
 from metrics import corpus_cer
@@ -156,7 +157,7 @@ def folder_config(cfg, ckpt: dict) -> dict:
 def checkpoint_lm(cfg, checkpoint: Path, charset: Charset) -> Path | None:
     """The run's character LM (decode.lm_path, else char_lm.json.gz beside the checkpoint) if there is one,
     checked against the charset."""
-    path = Path(cfg.decode.lm_path) if cfg.decode.lm_path else checkpoint.parent / LM
+    path = lm_file(cfg, checkpoint)
     if not path.is_file():
         if cfg.decode.lm_path:
             raise UserError(f"decode.lm_path {path} not found")

@@ -110,6 +110,11 @@ def pad_center(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return canvas
 
 
+def canvas(grey: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A grey dark-ink line (h, w) uint8 -> the model's (height, width) canvas, as training prepares lines."""
+    return pad_center(preprocess(grey, height, width), height, width)
+
+
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(img).float().div_(255).unsqueeze(0)            # (1, H, W)
 
@@ -121,7 +126,7 @@ def load_for_inference(path, height: int, width: int) -> torch.Tensor:
     problem = fit_warning(*img.shape, height, width)
     if problem:
         log.warning("%s: %s", path, problem)
-    return to_tensor(pad_center(preprocess(img, height, width), height, width))
+    return to_tensor(canvas(img, height, width))
 
 
 def fit_warning(h: int, w: int, height: int, width: int) -> str | None:

@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from dataset import worker_count
 from decoding import char_confidences, decode_batch, line_confidence
-from evaluate import lm_file, load_lm
-from images import dark_on_light, fit_warning, pad_center, preprocess, read_image
+from evaluate import check_decode_mode, lm_file, load_lm
+from images import canvas, dark_on_light, fit_warning, read_image
 from inference import line_log_probs
 from onnx_runtime import load_recognizer
 from pagexml import PageXmlError, read_page, set_line_text, write_page
@@ -90,7 +90,7 @@ def init_worker(context: Context) -> None:
 
 def model_input(grey: np.ndarray, height: int, width: int) -> np.ndarray:
     """A grey line image (h, w) uint8 -> the model's canvas (height, width) uint8, as training prepares lines."""
-    return pad_center(preprocess(dark_on_light(grey), height, width), height, width)
+    return canvas(dark_on_light(grey), height, width)
 
 
 @dataclass
@@ -360,8 +360,7 @@ def parse_args(argv=None) -> tuple:
 
 def beam_options(cfg) -> dict | None:
     """decode.* for the beam search (None for greedy); what transcribe.py cannot do is a UserError."""
-    if cfg.decode.mode not in ("greedy", "beam"):
-        raise UserError(f"decode.mode must be greedy or beam, got {cfg.decode.mode!r}")
+    check_decode_mode(cfg)
     if cfg.decode.tune or cfg.decode.llm_rescore:
         raise UserError("decode.tune and decode.llm_rescore need reference transcriptions: tune with evaluate.py, "
                         "then pass decode.lm_weight=... decode.lm_bonus=...")
