@@ -19,7 +19,8 @@ import torch
 
 from dataset import EpochBatchSampler, LineDataset, line_loader
 from models import HTRNet, build_llm_assist, build_lm_batch, ctc_loss
-from utils import Charset, UserError, autocast_dtype, load_checkpoint, load_config, resolve_device, run_main
+from utils import (Charset, UserError, autocast_dtype, check_compatible, load_checkpoint, load_config, resolve_device,
+                   run_main)
 
 
 def text_only_loss(lm, texts) -> torch.Tensor:
@@ -53,6 +54,7 @@ def probe(cfg, checkpoint, batches: int) -> dict:
     ckpt = load_checkpoint(checkpoint)
     if "llm" not in ckpt:
         raise UserError(f"{checkpoint} was trained without the LLM path: probe a run with train.use_llm=true")
+    check_compatible(ckpt, cfg, checkpoint)
     device = resolve_device(cfg.device)
     charset = Charset(ckpt["charset"])
     model = HTRNet(cfg.arch, len(charset)).to(device)

@@ -75,3 +75,5 @@ def test_probe_reports_losses_and_gradients_at_the_tapped_features(tiny_override
     off = make(tiny_overrides + ["train.num_epochs=1", "model.run_name=off"]).fit()
     with pytest.raises(UserError, match="trained without the LLM path"):
         probe_llm.main([str(ROOT / "config.yaml"), *tiny_overrides, *llm, f"resume={off}"])
+    with pytest.raises(UserError, match="another architecture: arch.rnn_hidden_size"):       # not a torch traceback
+        probe_llm.main([str(ROOT / "config.yaml"), *tiny_overrides, *llm, f"resume={last}", "arch.rnn_hidden_size=24"])
