@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from utils import UserError, load_config, run_main
+import evaluate
+from onnx_runtime import load_recognizer
+from utils import UserError, load_config, resolve_device, run_main
 
 log = logging.getLogger("htr")
 BASE_ARMS = {"llm_off": ["train.use_llm=false"], "llm_on": ["train.use_llm=true"]}
@@ -91,9 +93,6 @@ def run_forwarding_signals(cmd: list) -> int:
 def line_errors(cfg, checkpoint: Path) -> dict:
     """{decoding: {line id: (character errors, reference length)}} of a checkpoint on eval.split, decoded as
     evaluate.py decodes (greedy; and beam + LM with decode.mode=beam)."""
-    import evaluate
-    from onnx_runtime import load_recognizer
-    from utils import resolve_device
     model, charset = load_recognizer(cfg, checkpoint, cfg.runtime, resolve_device(cfg.device), channels_last=True)
     out = evaluate.infer(cfg, model, evaluate.make_loader(cfg, cfg.eval.split, charset), charset)
     out["greedy"] = out.pop("hyps")
@@ -187,17 +186,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     arms, out = parse_arms(args.arm), Path(args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
-    results, run_dirs = {}, {}
+    plan = []                                # every arm's config is checked before the first one trains
     for arm, arm_overrides in arms.items():
         for seed in seeds:
             run_dir = out / "runs" / f"{arm}_s{seed}"
             overrides = [*args.overrides, *arm_overrides, f"seed={seed}", f"model.save_dir={out / 'runs'}",
                          f"model.run_name={run_dir.name}"]
-            cfg = load_config(args.config, overrides)                     # a bad key fails here, before training
-            seconds = train(str(Path(args.config).resolve()), overrides, run_dir)
-            best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
-            results.setdefault(arm, {})[seed] = {"errors": line_errors(cfg, best), "seconds": seconds}
-            run_dirs.setdefault(arm, {})[seed] = run_dir
+            cfg = load_config(args.config, overrides)
+            evaluate.check_decode_mode(cfg)
+            plan.append((arm, seed, run_dir, overrides, cfg))
+    results, run_dirs = {}, {}
+    for arm, seed, run_dir, overrides, cfg in plan:
+        seconds = train(str(Path(args.config).resolve()), overrides, run_dir)
+        best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+        results.setdefault(arm, {})[seed] = {"errors": line_errors(cfg, best), "seconds": seconds}
+        run_dirs.setdefault(arm, {})[seed] = run_dir
     modes = list(next(iter(results["llm_off"].values()))["errors"])
     rows = [row for mode in modes for row in summarise(results, mode)]
     write_tables(rows, out)

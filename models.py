@@ -482,8 +482,9 @@ def build_llm_assist(cfg, device, feat_dim: int = 512) -> LLMAssist:
     """From the `llm` config node (OmegaConf or dict); absent optional keys take the defaults below.
     feat_dim is the width of the tapped features: 2 * arch.rnn_hidden_size."""
     device = torch.device(device)
+    attn = cfg.get("attn_implementation") or ("eager" if device.type == "cpu" else None)
     lm = FrozenCausalLM(cfg.get("name", "meta-llama/Llama-3.2-3B"), device, gguf_file=cfg.get("gguf_file"),
-                        attn_implementation=cfg.get("attn_implementation") or ("eager" if device.type == "cpu" else None),
+                        attn_implementation=attn,
                         load_in_4bit=cfg.get("qlora", False),
                         dtype=llm_dtype(cfg.get("dtype", "auto"), device))
     lora = cfg.get("lora") or {}

@@ -180,7 +180,7 @@ class LinesJob:
             poor = fit_warning(*grey.shape, ctx.height, ctx.width)
             if poor:
                 prepared.warnings.append(f"{path}: {poor}")
-            prepared.images.append(model_input(grey, ctx.height, ctx.width))
+            prepared.images.append(canvas(grey, ctx.height, ctx.width))   # read_image: dark on light
         return prepared
 
     def finish(self, log_probs: list) -> dict:

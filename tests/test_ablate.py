@@ -73,3 +73,13 @@ def test_arm_specs_are_checked():
     for bad in ["noparts", "x:", "x:novalue", "llm_on:train.lr=1"]:
         with pytest.raises(UserError, match="--arm"):
             parse_arms([bad])
+
+
+def test_a_bad_setting_in_any_arm_stops_before_the_first_run_trains(tmp_path):
+    _, overrides = tiny_setup(tmp_path)
+    out = tmp_path / "ablation"
+    for bad in (["decode.mode=bean"], ["--arm", "a1:train.lerning_rate=1"]):
+        run = ablate([*overrides, "--seeds", "1", "--out", str(out), *bad])
+        _, err = run.communicate(timeout=120)
+        assert run.returncode != 0 and ("decode.mode" in err or "lerning_rate" in err), err[-2000:]
+        assert "Traceback" not in err and not (out / "runs").exists()

@@ -30,7 +30,8 @@ def test_workers_forked_after_opencv_ran_in_a_thread_do_not_hang(tiny_data):
         import dataset
         from utils import Charset
         img = np.full((60, 500), 200, np.uint8)
-        t = threading.Thread(target=dataset.preprocess, args=(img, 128, 1024)); t.start(); t.join()  # as the cache build does
+        t = threading.Thread(target=dataset.preprocess, args=(img, 128, 1024))      # as cache builds do
+        t.start(); t.join()
         ds = dataset.LineDataset({str(tiny_data)!r}, "train", 128, 1024, cache=False, augment=True)
         loader = dataset.line_loader(ds, Charset("abcd"), batch_size=2, workers=2, timeout=30)
         print(sum(len(batch[3]) for batch in loader), "lines")
