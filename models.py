@@ -92,11 +92,13 @@ class MobileViTBlock(nn.Module):
 class HybridBackbone(nn.Module):
     """7x7 stem with stride [4, 2], then cnn_cfg tokens, then flattening over height.
 
-    cnn_cfg tokens: [n, c] = n BasicBlocks of c channels; 'M' = 2x2 max-pool; 'mobilevit1' / 'mobilevit2' = a
-    MobileViT block with patch 4 / 8 (settings in arch.mobilevit).
+    cnn_cfg tokens: [n, c] = n BasicBlocks of c channels; 'M' = 2x2 max-pool; 'Mh' = 2x1 max-pool (height only:
+    twice the CTC frames of 'M', for small line images of long lines); 'mobilevit1' / 'mobilevit2' = a MobileViT
+    block with patch 4 / 8 (settings in arch.mobilevit).
     """
 
     PATCH = {"mobilevit1": 4, "mobilevit2": 8}
+    POOL = {"M": (2, 2), "Mh": (2, 1)}
 
     def __init__(self, cnn_cfg, mobilevit: dict, flattening: str = "maxpool", stem_channels: int = 32):
         super().__init__()
@@ -106,8 +108,8 @@ class HybridBackbone(nn.Module):
         layers = [nn.Conv2d(1, stem_channels, 7, stride=(4, 2), padding=3), nn.ReLU()]
         ch = stem_channels
         for token in cnn_cfg:
-            if token == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+            if isinstance(token, str) and token in self.POOL:
+                layers.append(nn.MaxPool2d(self.POOL[token]))
             elif isinstance(token, str) and token in self.PATCH:
                 layers.append(MobileViTBlock(ch, self.PATCH[token], **mobilevit))
             elif not isinstance(token, str) and len(token) == 2:
@@ -116,7 +118,7 @@ class HybridBackbone(nn.Module):
                     layers.append(BasicBlock(ch, out_ch))
                     ch = out_ch
             else:
-                raise ValueError(f"arch.cnn_cfg: unknown token {token!r}; use [n, channels], 'M', "
+                raise ValueError(f"arch.cnn_cfg: unknown token {token!r}; use [n, channels], 'M', 'Mh', "
                                  f"'mobilevit1' or 'mobilevit2'")
         self.features = nn.Sequential(*layers)
         self.out_channels = ch
@@ -127,7 +129,8 @@ class HybridBackbone(nn.Module):
 
 
 def output_frames(cnn_cfg, width: int) -> int:
-    """CTC frames T of a line `width` pixels wide: the stem's stride 2 (7x7, padding 3), then a halving per 'M'."""
+    """CTC frames T of a line `width` pixels wide: the stem's stride 2 (7x7, padding 3), then a halving per 'M'
+    ('Mh' keeps the width)."""
     frames = (width - 1) // 2 + 1
     for token in cnn_cfg:
         if token == "M":

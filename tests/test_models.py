@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from models import HTRNet, HybridBackbone, MobileViTBlock, parameter_report
+from models import HTRNet, HybridBackbone, MobileViTBlock, output_frames, parameter_report
 from utils import load_config
 
 
@@ -75,6 +75,17 @@ def test_head_types(tiny_overrides, head_type, has_shortcut, has_tap):
     assert out.logits.shape == (32, 2, 10)
     assert (out.shortcut is not None) == has_shortcut
     assert (out.rnn1 is not None) == has_tap
+
+
+@pytest.mark.parametrize("pools", [("M", "M"), ("M", "Mh"), ("Mh", "Mh")])
+def test_height_only_pooling_keeps_the_frames_and_the_weights(tiny_overrides, pools):
+    cnn_cfg = f"arch.cnn_cfg=[[1,8],{pools[0]},mobilevit1,[1,16],{pools[1]},mobilevit2,[1,32]]"
+    cfg = load_config(ROOT / "config.yaml", tiny_overrides + [cnn_cfg])
+    model = HTRNet(cfg.arch, n_classes=10)
+    out = model(torch.rand(2, 1, 32, 250))
+    assert out.logits.shape[0] == output_frames(cfg.arch.cnn_cfg, 250) == 125 // 2 ** pools.count("M")
+    reference = HTRNet(load_config(ROOT / "config.yaml", tiny_overrides).arch, n_classes=10)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
 
 
 def test_bad_cnn_token_is_clear(tiny_overrides):
