@@ -487,8 +487,7 @@ def build_llm_assist(cfg, device, feat_dim: int = 512) -> LLMAssist:
     device = torch.device(device)
     attn = cfg.get("attn_implementation") or ("eager" if device.type == "cpu" else None)
     lm = FrozenCausalLM(cfg.get("name", "meta-llama/Llama-3.2-3B"), device, gguf_file=cfg.get("gguf_file"),
-                        attn_implementation=attn,
-                        load_in_4bit=cfg.get("qlora", False),
+                        attn_implementation=attn, load_in_4bit=cfg.get("qlora", False),
                         dtype=llm_dtype(cfg.get("dtype", "auto"), device))
     lora = cfg.get("lora") or {}
     if lora.get("enabled", False):
