@@ -129,12 +129,12 @@ class HybridBackbone(nn.Module):
 
 
 def output_frames(cnn_cfg, width: int) -> int:
-    """CTC frames T of a line `width` pixels wide: the stem's stride 2 (7x7, padding 3), then a halving per 'M'
-    ('Mh' keeps the width)."""
+    """CTC frames T of a line `width` pixels wide: the stem's stride 2 (7x7, padding 3), then each pool's width
+    stride (HybridBackbone.POOL: 2 for 'M', 1 for 'Mh')."""
     frames = (width - 1) // 2 + 1
     for token in cnn_cfg:
-        if token == "M":
-            frames //= 2
+        if isinstance(token, str) and token in HybridBackbone.POOL:
+            frames //= HybridBackbone.POOL[token][1]
     return frames
 
 
