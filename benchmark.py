@@ -18,6 +18,7 @@ import json
 import math
 import platform
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -182,7 +183,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the tuned variant")
     parser.add_argument("--llm", action="store_true",
-                        help="also time the tuned train step with the LLM path on (llm.* config keys)")
+                        help="also time the tuned train step with the LLM path on vs off (llm.* config keys)")
     parser.add_argument("--loader", help="only time the training data loader, for these worker counts (0,1,2,8)")
     parser.add_argument("--loader-lines", type=int, default=512, help="lines read per worker count")
     args = parser.parse_args()
@@ -223,25 +224,30 @@ def main():
         report["onnxruntime"] = {**onnx, "eval_speedup_vs_baseline": {
             k.rsplit("_", 1)[1]: v / baseline["eval_lines_per_s"] for k, v in onnx.items()}}
     if args.llm:
-        report["llm"] = measure_llm(cfg, device, args.steps, report["tuned"]["train_lines_per_s"])
+        report["llm"] = measure_llm(cfg, device, args.steps)
     print(json.dumps(report, indent=2))
 
 
-def measure_llm(cfg, device, steps: int, off_lines_per_s: float) -> dict:
-    """Train step with the LLM path on (same tuned variant) vs off; peak memory of the LLM-on step."""
+def measure_llm(cfg, device, steps: int, rounds: int = 3) -> dict:
+    """Train step with the LLM path on vs off, timed in alternating rounds in this process (these machines drift
+    over minutes: the ratio of the two medians is what repeats); peak memory of the LLM-on step."""
     from models import build_llm_assist
     llm = build_llm_assist(cfg.llm, device, feat_dim=2 * cfg.arch.rnn_hidden_size)
-    variant = Variant(cfg, device, tuned=True, compile_model=False, llm=llm)
+    variants = {"off": Variant(cfg, device, tuned=True, compile_model=False),
+                "on": Variant(cfg, device, tuned=True, compile_model=False, llm=llm)}
+    batch = variants["on"].batch(cfg.train.batch_size, cfg.preproc.image_height, cfg.preproc.image_width, True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    batch = variant.batch(cfg.train.batch_size, cfg.preproc.image_height, cfg.preproc.image_width, True)
-    on = cfg.train.batch_size / timed(lambda: variant.train_step(*batch), device, steps)
+    seconds = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, v in variants.items():
+            seconds[name].append(timed(lambda: v.train_step(*batch), device, steps))
+    on, off = (cfg.train.batch_size / statistics.median(seconds[k]) for k in ("on", "off"))
     return {"name": cfg.llm.name, "sample_ratio": cfg.train.llm_sample_ratio,
             "llm_parameters": sum(p.numel() for p in llm.lm.parameters()),
             "connector_parameters": sum(p.numel() for p in llm.trainable_parameters()),
-            "train_lines_per_s_llm_on": on, "train_lines_per_s_llm_off": off_lines_per_s,
-            "step_time_ratio_on_vs_off": off_lines_per_s / on, "peak_memory_mb": peak_memory_mb(device)}
-
+            "rounds": rounds, "train_lines_per_s_llm_on": on, "train_lines_per_s_llm_off": off,
+            "step_time_ratio_on_vs_off": off / on, "peak_memory_mb": peak_memory_mb(device)}
 
 if __name__ == "__main__":
     main()

@@ -1,14 +1,17 @@
-"""benchmark.py: one JSON report with the baseline, the tuned path, onnxruntime and consistent ratios."""
+"""benchmark.py: one JSON report with the baseline, the tuned path, onnxruntime, the LLM path and consistent ratios."""
 import json
 import subprocess
 import sys
 
 from conftest import ROOT, TINY, tiny_setup
+from prepare_llm import write_tiny
 
 
-def test_benchmark_prints_consistent_json():
+def test_benchmark_prints_consistent_json(tmp_path):
+    write_tiny("tiny-llama", tmp_path / "llm")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), str(ROOT / "config.yaml"), *TINY,
-                           "--steps", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           f"llm.name={tmp_path / 'llm'}", "--steps", "1", "--llm"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     base, tuned = report["baseline"], report["tuned"]
@@ -22,6 +25,10 @@ def test_benchmark_prints_consistent_json():
     assert onnx["eval_lines_per_s_fp32"] > 0 and onnx["eval_lines_per_s_int8"] > 0
     int8_ratio = onnx["eval_lines_per_s_int8"] / base["eval_lines_per_s"]
     assert abs(onnx["eval_speedup_vs_baseline"]["int8"] - int8_ratio) < 1e-9
+    llm = report["llm"]                           # LLM path on vs off, timed in alternating rounds
+    assert llm["rounds"] == 3 and llm["llm_parameters"] > 0 and llm["connector_parameters"] > 0
+    ratio = llm["train_lines_per_s_llm_off"] / llm["train_lines_per_s_llm_on"]
+    assert abs(llm["step_time_ratio_on_vs_off"] - ratio) < 1e-9 and ratio > 0
 
 
 def test_loader_benchmark_reports_each_worker_count(tmp_path):
