@@ -241,13 +241,14 @@ def measure_llm(cfg, device, steps: int, rounds: int = 3) -> dict:
     seconds = {name: [] for name in variants}
     for _ in range(rounds):
         for name, v in variants.items():
-            seconds[name].append(timed(lambda: v.train_step(*batch), device, steps))
+            seconds[name].append(timed(lambda v=v: v.train_step(*batch), device, steps))
     on, off = (cfg.train.batch_size / statistics.median(seconds[k]) for k in ("on", "off"))
     return {"name": cfg.llm.name, "sample_ratio": cfg.train.llm_sample_ratio,
             "llm_parameters": sum(p.numel() for p in llm.lm.parameters()),
             "connector_parameters": sum(p.numel() for p in llm.trainable_parameters()),
             "rounds": rounds, "train_lines_per_s_llm_on": on, "train_lines_per_s_llm_off": off,
             "step_time_ratio_on_vs_off": off / on, "peak_memory_mb": peak_memory_mb(device)}
+
 
 if __name__ == "__main__":
     main()
