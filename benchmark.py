@@ -230,7 +230,8 @@ def main():
 
 def measure_llm(cfg, device, steps: int, rounds: int = 3) -> dict:
     """Train step with the LLM path on vs off, timed in alternating rounds in this process (these machines drift
-    over minutes: the ratio of the two medians is what repeats); peak memory of the LLM-on step."""
+    over minutes: the ratio of the two medians is what repeats); peak memory of the LLM-on step, with the
+    LLM-off variant's model and optimizer state resident beside it."""
     from models import build_llm_assist
     llm = build_llm_assist(cfg.llm, device, feat_dim=2 * cfg.arch.rnn_hidden_size)
     variants = {"off": Variant(cfg, device, tuned=True, compile_model=False),
