@@ -28,8 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import EpochBatchSampler, LineDataset, line_loader
 from models import HTRNet, ctc_loss, fuse_conv_bn, parameter_report
-from utils import (Charset, autocast_dtype, load_config, mixed_precision, resolve_device, train_memory_format,
-                   usable_cpus, use_fixed_size_kernels)
+from utils import (Charset, autocast_dtype, load_config, make_optimizer, mixed_precision, require_cpp_compiler,
+                   resolve_device, run_main, train_memory_format, usable_cpus, use_fixed_size_kernels)
 
 N_CLASSES = 80          # IAM-sized charset + blank
 LLM_TEXT = "A MOVE to stop Mr. Gaitskell from nominating any more Labour life Peers"   # an IAM-length line
@@ -67,7 +67,7 @@ class Variant:
             torch.backends.mha.set_fastpath_enabled(False)             # and fails: bf16 x fp32 matmul
         self.forward = torch.compile(self.model) if compile_model else self.model
         params = list(self.model.parameters()) + (llm.trainable_parameters() if llm else [])
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.optimizer = make_optimizer(params, lr=1e-4)
 
     def batch(self, b: int, h: int, w: int, with_targets: bool = False):
         x = torch.rand(b, 1, h, w, device=self.device).contiguous(memory_format=self.fmt)
@@ -194,6 +194,8 @@ def main():
                           "loader": measure_loader(cfg, workers, args.loader_lines)}, indent=2))
         return
     device = resolve_device(cfg.device)
+    if args.compile:
+        require_cpp_compiler(device, "--compile", "leave out --compile")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline = measure(Variant(cfg, device, tuned=False, compile_model=False), cfg, args.steps)
@@ -252,4 +254,4 @@ def measure_llm(cfg, device, steps: int, rounds: int = 3) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,7 +26,7 @@ from metrics import error_counts, rates
 from models import HTRNet, ctc_loss, output_frames, parameter_report
 from runlog import RunLog
 from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, config_from_cli,
-                   load_checkpoint, mixed_precision, remove_stale_temp_files, resolve_device, run_main,
+                   load_checkpoint, make_optimizer, mixed_precision, remove_stale_temp_files, resolve_device, run_main,
                    save_checkpoint, to_plain, train_memory_format, use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
@@ -81,7 +81,7 @@ class Trainer:
             self._init_weights(*init)
         self.llm = self._llm() if cfg.train.use_llm else None
         self.params = list(self.model.parameters()) + (self.llm.trainable_parameters() if self.llm else [])
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = make_optimizer(self.params, cfg.train.lr, cfg.train.weight_decay)
         self.sampler = EpochBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.seed,
                                          num_replicas=self.acc.num_processes, rank=self.acc.process_index)
         self.loader = line_loader(self.train_set, self.charset, batch_sampler=self.sampler,

@@ -3,6 +3,7 @@ import contextlib
 import difflib
 import logging
 import os
+import shutil
 import sys
 import unicodedata
 from pathlib import Path
@@ -119,6 +120,20 @@ def use_fixed_size_kernels(device: torch.device) -> None:
     fastest (cudnn.benchmark); nothing to do on the CPU."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+def require_cpp_compiler(device: torch.device, setting: str, way_out: str) -> None:
+    """torch.compile on the CPU writes and builds C++ (inductor): without a compiler it fails at the first step,
+    deep inside torch, so say it up front."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "clang++")):
+        raise UserError(f"{setting} builds C++ code on the CPU (torch.compile) and finds no C++ compiler (g++, "
+                        f"clang++ or $CXX): install one (e.g. `apt install g++`) or {way_out}")
+
+
+def make_optimizer(params, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with its fused kernel (one op per step for all parameters, on the CPU as on CUDA). On a 2-core EPYC a
+    step over the quick model + Q-Former connector (8.0 M parameters) takes 5.6 ms, 16.6 ms with the default loop."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def native_bf16(device: torch.device) -> bool:
