@@ -493,6 +493,10 @@ def build_llm_assist(cfg, device, feat_dim: int = 512) -> LLMAssist:
     if lora.get("enabled", False):
         lm.add_lora(r=lora.get("r", 8), alpha=lora.get("alpha", 16), dropout=lora.get("dropout", 0.05),
                     target_modules=lora.get("target_modules"))
+    if cfg.get("compile", False):  # inductor fuses the norms, rotary and activations between the matmuls
+        from utils import require_cpp_compiler
+        require_cpp_compiler(device, "llm.compile=true", "set llm.compile=false")
+        lm.model.compile(dynamic=True)
     connector = QFormerConnector(lm.hidden_size, feat_dim, num_queries=cfg.get("num_queries", 64),
                                  num_layers=cfg.get("qformer_layers", 2)).to(device)
     return LLMAssist(connector, lm, prompt=cfg.get("prompt"))

@@ -116,6 +116,31 @@ def test_gradients_reach_connector_and_features_only(model_dirs):
         assert p.grad is None and torch.equal(p, frozen[n]), n
 
 
+def test_compiled_llm_computes_what_eager_does(model_dirs):
+    """llm.compile=true: the same loss and gradients as eager, also after the text length changes (dynamic shapes)."""
+    eager, compiled = (make_assist(model_dirs / "tiny-llama", compile=c).eval() for c in (False, True))
+    compiled.load_trainable_state_dict(eager.trainable_state_dict())
+    for texts in (TEXTS, ["a line of text much longer than the two lines before it", "b"]):
+        grads = []
+        for assist in (eager, compiled):
+            feats = torch.randn(2, T, D, generator=torch.Generator().manual_seed(0), requires_grad=True)
+            loss = assist(feats, texts)
+            loss.backward()
+            grads.append([loss, feats.grad] + [p.grad for p in assist.connector.parameters()])
+            assist.zero_grad()
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(model_dirs, monkeypatch):
+    import shutil
+
+    from utils import UserError
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="no C\\+\\+ compiler.*set llm.compile=false"):
+        make_assist(model_dirs / "tiny-llama", compile=True)
+
+
 def test_state_dict_holds_no_llm_weights(model_dirs, tmp_path):
     assist = make_assist(model_dirs / "tiny-llama")
     keys = set(assist.trainable_state_dict())

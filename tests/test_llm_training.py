@@ -42,6 +42,18 @@ def test_llm_loss_is_logged_and_only_the_connector_is_saved(tiny_overrides, tiny
         assert torch.equal(v.cpu(), ckpt["llm"]["trainable"][f"connector.{k}"]), k
 
 
+def test_quick_llm_preset_trains_with_its_compiled_llm(tiny_overrides, tiny_llama):
+    """The shipped config_quick_llm.yaml (llm.compile on, a loader worker) with a tiny Llama in place of SmolLM2."""
+    cfg = load_config(ROOT / "config_quick_llm.yaml", tiny_overrides + ["train.use_llm=true", "train.num_workers=1",
+                                                                        f"llm.name={tiny_llama}", "llm.num_queries=8",
+                                                                        "train.num_epochs=2"])
+    assert cfg.llm.compile and cfg.train.use_llm and cfg.train.num_workers > 0
+    t = trainer.Trainer(cfg)
+    t.fit()
+    losses = [row["train_llm"] for row in t.runlog.rows]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses), losses
+
+
 def test_llm_off_never_imports_the_llm_code(tiny_overrides, monkeypatch):
     for name in ("transformers", "peft"):
         monkeypatch.setitem(sys.modules, name, None)                # any import of them would now fail
