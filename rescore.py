@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import IGNORE, FrozenCausalLM, LLMLoadError, build_lm_batch
+from models import IGNORE, FrozenCausalLM, LLMLoadError, build_lm_batch, llm_dtype
 from metrics import corpus_cer
 from utils import UserError
 
@@ -26,8 +26,9 @@ BETAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 class LLMRescorer:
     """Total log-likelihood of text lines under a frozen causal LM, cached per text."""
 
-    def __init__(self, name: str, device, gguf_file: str | None = None, batch_size: int = 32):
-        self.lm = FrozenCausalLM(name, torch.device(device), gguf_file=gguf_file)
+    def __init__(self, name: str, device, gguf_file: str | None = None, batch_size: int = 32,
+                 dtype: torch.dtype | None = None):
+        self.lm = FrozenCausalLM(name, torch.device(device), gguf_file=gguf_file, dtype=dtype)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache: dict[str, float] = {}
@@ -84,11 +85,12 @@ def tune_beta(nbest_val, refs_val, llm_scores_fn, betas=BETAS) -> tuple:
 
 
 def llm_rescore(cfg, nbest_test, nbest_val, refs_val, device, betas=BETAS) -> tuple:
-    """Tune beta on the val n-best lists with the LLM `cfg.llm.name`, then rescore test.
-    Returns (test hypotheses, {"beta", "val_table", "llm"})."""
+    """Tune beta on the val n-best lists with the LLM `cfg.llm.name` (in `llm.dtype`), then rescore test.
+    Returns (test hypotheses, {"beta", "val_table", "llm", "dtype"})."""
     name = cfg.llm.name
     try:
-        rescorer = LLMRescorer(name, device, gguf_file=cfg.llm.get("gguf_file"))
+        dtype = llm_dtype(cfg.llm.get("dtype", "auto"), torch.device(device))
+        rescorer = LLMRescorer(name, device, gguf_file=cfg.llm.get("gguf_file"), dtype=dtype)
     except LLMLoadError as e:
         raise UserError(f"decode.llm_rescore=true: {str(e).splitlines()[0]} (or set decode.llm_rescore=false)") \
             from e
@@ -96,4 +98,5 @@ def llm_rescore(cfg, nbest_test, nbest_val, refs_val, device, betas=BETAS) -> tu
     for row in table:
         log.info("LLM rescoring on val: beta %.3g -> CER %.4f", row["beta"], row["cer"])
     log.info("best on val: beta=%s (%s, %d distinct val candidates)", beta, name, len(rescorer.cache))
-    return rescore_nbest(nbest_test, rescorer.score, beta), {"beta": beta, "val_table": table, "llm": name}
+    return rescore_nbest(nbest_test, rescorer.score, beta), {"beta": beta, "val_table": table, "llm": name,
+                                                             "dtype": str(rescorer.lm.dtype).removeprefix("torch.")}

@@ -80,11 +80,15 @@ def test_tune_beta_minimises_cer():
     assert table[1]["cer"] == 0.0 and table[0]["cer"] > 0 and table[3]["cer"] > 0
 
 
-def test_llm_rescore_end_to_end(rescorer):
-    cfg = OmegaConf.create({"llm": {"name": rescorer.lm.name}})
+@pytest.mark.parametrize("dtype, expected", [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_llm_rescore_end_to_end(rescorer, dtype, expected):
+    cfg = OmegaConf.create({"llm": {"name": rescorer.lm.name, "dtype": dtype}})
     hyps, info = llm_rescore(cfg, NBEST, NBEST[:2], ["the quick fox", "on the mat"], "cpu", betas=(0.0, 1.0))
     assert len(hyps) == 3 and hyps[2] == ""
     assert info["llm"] == rescorer.lm.name and info["beta"] in (0.0, 1.0) and len(info["val_table"]) == 2
+    assert info["dtype"] == expected                                    # llm.dtype holds for rescoring too
+    with pytest.raises(UserError, match="llm.dtype must be auto, bf16 or fp32"):
+        llm_rescore(OmegaConf.create({"llm": {"name": rescorer.lm.name, "dtype": "fp8"}}), [], [], [], "cpu")
 
 
 def test_missing_model_dir(tmp_path):
