@@ -1,10 +1,15 @@
 """benchmark.py: one JSON report with the baseline, the tuned path, onnxruntime, the LLM path and consistent ratios."""
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
+
+import benchmark
 from conftest import ROOT, TINY, tiny_setup
 from prepare_llm import write_tiny
+from utils import UserError
 
 
 def test_benchmark_prints_consistent_json(tmp_path):
@@ -39,3 +44,14 @@ def test_loader_benchmark_reports_each_worker_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     loader = json.loads(proc.stdout)["loader"]
     assert loader["train_lines"] == 8 and loader["lines_per_s_0_workers"] > 0 and loader["lines_per_s_2_workers"] > 0
+
+
+def test_bad_input_is_one_line_not_a_traceback(monkeypatch):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), str(ROOT / "config.yaml"), "train.nosuch=1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config key 'train.nosuch'")
+    assert "Traceback" not in proc.stderr
+    monkeypatch.setattr(shutil, "which", lambda name: None)             # --compile on a CPU without a C++ compiler
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", str(ROOT / "config.yaml"), *TINY, "--compile"])
+    with pytest.raises(UserError, match="--compile builds C\\+\\+ code.*no C\\+\\+ compiler.*leave out --compile"):
+        benchmark.main()
