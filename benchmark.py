@@ -57,7 +57,7 @@ class Variant:
 
     def __init__(self, cfg, device, tuned: bool, compile_model: bool, llm=None):
         torch.manual_seed(0)
-        self.llm, self.llm_ratio = llm, cfg.train.llm_sample_ratio
+        self.llm, self.llm_ratio, self.llm_tap = llm, cfg.train.llm_sample_ratio, cfg.train.llm_tap
         self.device, self.tuned = device, tuned
         self.fmt = train_memory_format(cfg.train.channels_last, device) if tuned else torch.contiguous_format
         self.model = HTRNet(cfg.arch, N_CLASSES).to(device).to(memory_format=self.fmt)
@@ -87,7 +87,8 @@ class Variant:
             loss = ctc_loss(out.logits, targets, lengths) + 0.1 * ctc_loss(out.shortcut, targets, lengths)
             if self.llm is not None:
                 idx = self.llm.sample_indices(x.shape[0], self.llm_ratio)
-                loss = loss + self.llm(out.rnn1[idx.to(self.device)], [LLM_TEXT] * len(idx))
+                tap = out.features[self.llm_tap]
+                loss = loss + self.llm(tap[idx.to(self.device)], [LLM_TEXT] * len(idx))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -234,8 +235,8 @@ def measure_llm(cfg, device, steps: int, rounds: int = 3) -> dict:
     """Train step with the LLM path on vs off, timed in alternating rounds in this process (these machines drift
     over minutes: the ratio of the two medians is what repeats); peak memory of the LLM-on step, with the
     LLM-off variant's model and optimizer state resident beside it."""
-    from models import build_llm_assist
-    llm = build_llm_assist(cfg.llm, device, feat_dim=2 * cfg.arch.rnn_hidden_size)
+    from llm_assist import build_llm_assist
+    llm = build_llm_assist(cfg.llm, device, feat_dim=HTRNet(cfg.arch, N_CLASSES).tap_width(cfg.train.llm_tap))
     variants = {"off": Variant(cfg, device, tuned=True, compile_model=False),
                 "on": Variant(cfg, device, tuned=True, compile_model=False, llm=llm)}
     batch = variants["on"].batch(cfg.train.batch_size, cfg.preproc.image_height, cfg.preproc.image_width, True)

@@ -1,24 +1,9 @@
-"""The recognizer and the LLM path of training.
+"""The recognizer: HybridBackbone (CNN + MobileViT) -> CTCtopB head (BiLSTM + CNN shortcut).
 
-HybridBackbone (CNN + MobileViT) -> CTCtopB head (BiLSTM + CNN shortcut). Shapes follow the default config: a
-(B, 1, 128, 1024) line image becomes (B, 256, 1, 128) features, i.e. 128 frames, and the head returns CTC logits
-(T=128, B, K) with class 0 the CTC blank.
-
-LLM-assisted training (train.use_llm): for a sampled subset of the batch, the features tapped after the first BiLSTM
-layer, (B, T=128, 512), are compressed by a QFormerConnector into `num_queries` prefix embeddings in the LLM's
-embedding space. The FrozenCausalLM reads
-
-    [BOS] [prompt tokens] [visual prefix x Q] [transcription tokens] [EOS] [pad ...]
-
-and is teacher-forced on the transcription: labels are the text ids and EOS, -100 everywhere else (HF shifts them
-internally, so the last prefix position predicts the first text token). The loss gradient trains the connector (and
-LoRA, if enabled) and flows back into the recognizer's features; the LLM's own weights never change and never enter
-a checkpoint: a state_dict hook on FrozenCausalLM drops every frozen tensor. At inference the LLM is not loaded, and
-transformers / peft are imported only inside the LLM classes, so the LLM-off path never imports them.
+Shapes follow the default config: a (B, 1, 128, 1024) line image becomes (B, 256, 1, 128) features, i.e. 128
+frames, and the head returns CTC logits (T=128, B, K) with class 0 the CTC blank, plus the frame features that
+LLM-assisted training can tap (llm_assist.py): the backbone output, the first and the last recurrent layer's.
 """
-import importlib.util
-from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -141,7 +126,10 @@ def output_frames(cnn_cfg, width: int) -> int:
 class CTCOutput(NamedTuple):
     logits: torch.Tensor                  # (T, B, K) main CTC logits
     shortcut: Optional[torch.Tensor]      # (T, B, K) CNN-shortcut CTC logits ('both' only)
-    rnn1: Optional[torch.Tensor]          # (B, T, 2*hidden) first recurrent layer's output, for the LLM path
+    features: dict                        # tap name -> (B, T, C) frame features, each the very tensor the CTC
+                                          # path reads (a hook on it sees the whole gradient): 'backbone' (C = the
+                                          # backbone's channels), 'rnn1' and 'rnn_last' (C = 2 * hidden; recurrent
+                                          # heads only)
 
 
 class CTCtopB(nn.Module):
@@ -149,6 +137,8 @@ class CTCtopB(nn.Module):
 
     The first recurrent layer is its own module so its output can be tapped for the LLM connector.
     """
+
+    TAPS = ("backbone", "rnn1", "rnn_last")
 
     def __init__(self, in_ch: int, n_classes: int, head_type: str = "both", rnn_type: str = "lstm",
                  rnn_layers: int = 3, rnn_hidden_size: int = 256, dropout: float = 0.2):
@@ -170,17 +160,27 @@ class CTCtopB(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Sequential(nn.LayerNorm(2 * h), nn.Linear(2 * h, 2 * h), nn.GELU(), nn.Linear(2 * h, n_classes))
 
-    def forward(self, x) -> CTCOutput:
-        short = self.shortcut(x).squeeze(2).permute(2, 0, 1) if self.head_type != "rnn" else None   # (T, B, K)
+    def feature_dims(self, in_ch: int) -> dict:
+        """Tap name -> feature width C, for the taps this head has."""
         if self.head_type == "cnn":
-            return CTCOutput(short, None, None)
-        seq = x.squeeze(2).permute(2, 0, 1)                                # (T, B, C)
-        y1, _ = self.rnn1(seq)                                             # (T, B, 2h)
+            return {"backbone": in_ch}
+        return {"backbone": in_ch, "rnn1": 2 * self.rnn1.hidden_size, "rnn_last": 2 * self.rnn1.hidden_size}
+
+    def forward(self, x) -> CTCOutput:
+        frames = x.squeeze(2).transpose(1, 2)                              # (B, T, C)
+        features = {"backbone": frames}
+        short = None
+        if self.head_type != "rnn":
+            short = self.shortcut(frames.transpose(1, 2).unsqueeze(2)).squeeze(2).permute(2, 0, 1)   # (T, B, K)
+        if self.head_type == "cnn":
+            return CTCOutput(short, None, features)
+        y1 = self.rnn1(frames.transpose(0, 1))[0].transpose(0, 1)          # (B, T, 2h)
         y = y1
         if self.rnn_rest is not None:
-            y, _ = self.rnn_rest(self.dropout(y1))                         # (T, B, 2h)
-        logits = self.fc(y)                                                # (T, B, K)
-        return CTCOutput(logits, short, y1.transpose(0, 1))
+            y = self.rnn_rest(self.dropout(y1.transpose(0, 1)))[0].transpose(0, 1)                   # (B, T, 2h)
+        features.update(rnn1=y1, rnn_last=y)
+        logits = self.fc(y.transpose(0, 1))                                # (T, B, K)
+        return CTCOutput(logits, short, features)
 
 
 class HTRNet(nn.Module):
@@ -194,6 +194,14 @@ class HTRNet(nn.Module):
 
     def forward(self, x) -> CTCOutput:
         return self.head(self.backbone(x))
+
+    def tap_width(self, tap: str) -> int:
+        """Width C of the (B, T, C) features `tap` (train.llm_tap); ValueError naming the taps this head has."""
+        dims = self.head.feature_dims(self.backbone.out_channels)
+        if tap not in dims:
+            raise ValueError(f"train.llm_tap={tap!r} does not exist for arch.head_type={self.head.head_type}: use "
+                             f"one of {', '.join(dims)}")
+        return dims[tap]
 
     def class_layers(self) -> list:
         """State-dict prefixes of the layers with one output row per class (the CTC blank first)."""
@@ -256,247 +264,3 @@ def parameter_report(model: HTRNet) -> dict:
     """Parameter counts per module, for the start-of-training log and the benchmark."""
     return {"backbone": count_parameters(model.backbone), "head": count_parameters(model.head),
             "total": count_parameters(model)}
-
-
-# ------------------------------------------------------------------------------------------------------------- LLM path
-
-IGNORE = -100  # label ignored by the cross-entropy
-
-
-class LLMLoadError(RuntimeError):
-    """The language model named by `llm.name` could not be loaded."""
-
-
-class QFormerConnector(nn.Module):
-    """Learned queries cross-attend to the frames, then an MLP maps them into the LLM embedding space."""
-
-    def __init__(self, llm_hidden: int, feat_dim: int = 512, num_queries: int = 64, num_layers: int = 2,
-                 hidden: int = 512, num_heads: int = 8, intermediate: int = 1024, proj_hidden: int = 1024):
-        super().__init__()
-        from transformers import Blip2QFormerConfig, Blip2QFormerModel
-        config = Blip2QFormerConfig(hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                                    intermediate_size=intermediate, cross_attention_frequency=1,
-                                    encoder_hidden_size=feat_dim)
-        self.queries = nn.Parameter(torch.randn(1, num_queries, hidden) * config.initializer_range)
-        self.qformer = Blip2QFormerModel(config)
-        self.proj = nn.Sequential(nn.Linear(hidden, proj_hidden), nn.GELU(), nn.Linear(proj_hidden, llm_hidden))
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        queries = self.queries.expand(feats.shape[0], -1, -1)  # (B, Q, 512)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=feats)  # cross-attends to (B, T, 512)
-        return self.proj(out.last_hidden_state)  # (B, Q, 512) -> (B, Q, H)
-
-
-@dataclass
-class LMBatch:
-    input_ids: torch.Tensor       # (B, L) token ids; the prefix slots hold pad ids, their embeddings get replaced
-    labels: torch.Tensor          # (B, L) text ids and EOS, IGNORE elsewhere (unshifted: HF shifts internally)
-    attention_mask: torch.Tensor  # (B, L) 1 on real positions, 0 on right padding
-    prefix_start: int             # the visual prefix occupies [prefix_start, prefix_start + num_prefix)
-
-    def to(self, device) -> "LMBatch":
-        return LMBatch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
-                       self.prefix_start)
-
-
-def build_lm_batch(text_ids: list[list[int]], num_prefix: int, bos_id: int | None, eos_id: int, pad_id: int,
-                   prompt_ids: list[int] = ()) -> LMBatch:
-    """[BOS] + prompt + prefix placeholders + text + EOS per row, right-padded; only text and EOS are labelled."""
-    head = ([] if bos_id is None else [bos_id]) + list(prompt_ids)
-    text_start = len(head) + num_prefix
-    rows = [head + [pad_id] * num_prefix + ids + [eos_id] for ids in text_ids]
-    shape = (len(rows), max(map(len, rows)))
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        labels[i, text_start:len(row)] = torch.tensor(row[text_start:])
-        attention_mask[i, :len(row)] = 1
-    return LMBatch(input_ids, labels, attention_mask, len(head))
-
-
-def _load_help(name: str) -> str:
-    return (f"Fix one of: (a) a hub model: accept its licence on https://huggingface.co/{name} if gated (e.g. "
-            f"meta-llama/Llama-3.2-3B), then `huggingface-cli download {name}` (or `hf download {name}`) where the "
-            f"hub is reachable; (b) a local directory: `python prepare_llm.py smollm2 llm/smollm2` (SmolLM2-135M, "
-            f"Apache-2.0) and set llm.name=llm/smollm2; (c) set train.use_llm=false.")
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
-def _drop_frozen(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """state_dict post-hook: keep only the trainable (LoRA) tensors of the LLM, never its frozen weights/buffers."""
-    keep = {prefix + n for n, p in module.named_parameters() if p.requires_grad}
-    for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
-        del state_dict[key]
-
-
-def _bnb_4bit_config(name: str):
-    from transformers import BitsAndBytesConfig
-    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-        raise LLMLoadError(f"llm.qlora=true (4-bit {name!r}) needs CUDA and the bitsandbytes package "
-                           f"(`pip install bitsandbytes`); set llm.qlora=false to load it in bf16/fp32")
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-class FrozenCausalLM(nn.Module):
-    """A Hugging Face causal LM + tokenizer with frozen weights, pinned to eval mode (LoRA dropout excepted)."""
-
-    def __init__(self, name: str, device: torch.device, gguf_file: str | None = None,
-                 attn_implementation: str | None = None, load_in_4bit: bool = False,
-                 dtype: torch.dtype | None = None):
-        super().__init__()
-        self.name = name
-        device = torch.device(device)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        self.tokenizer, self.model = self._load(name, device, dtype, gguf_file, attn_implementation, load_in_4bit)
-        self.model.requires_grad_(False)
-        tok = self.tokenizer
-        if tok.eos_token_id is None:
-            raise LLMLoadError(f"llm.name={name!r}: its tokenizer has no EOS token, which the LLM loss needs")
-        self.bos_id = tok.bos_token_id  # None for e.g. Qwen2 (trained without BOS); GPT-2's is <|endoftext|> = EOS
-        self.eos_id = tok.eos_token_id
-        self.pad_id = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id  # pads are masked anyway
-        self.token_ids: dict[str, list[int]] = {}                      # each distinct text is tokenised once
-        self.register_state_dict_post_hook(_drop_frozen)
-        self.train(False)
-
-    @staticmethod
-    def _load(name, device, dtype, gguf_file, attn_implementation, load_in_4bit):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-        if _looks_local(name) and not Path(name).expanduser().is_dir():
-            raise LLMLoadError(f"llm.name={name!r} is not an existing directory: create it with `python prepare_llm.py "
-                               f"smollm2 {name}`, or point llm.name at a saved model directory or a hub id")
-        kwargs = dict(dtype=dtype, device_map={"": device})
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        if gguf_file:  # dequantized to dense weights: packed GGUF layers are not meant for backprop
-            kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-        if load_in_4bit:
-            kwargs["quantization_config"] = _bnb_4bit_config(name)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        except (OSError, ValueError, ImportError) as e:
-            reason = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-            raise LLMLoadError(f"cannot load llm.name={name!r}: {reason}\n{_load_help(name)}") from None
-        return tokenizer, model
-
-    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-                 target_modules: list[str] | None = None) -> None:
-        """Wrap the LLM with trainable LoRA adapters (peft picks the usual targets when target_modules is None)."""
-        from peft import LoraConfig, get_peft_model
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                            target_modules=None if target_modules is None else list(target_modules))
-        self.model = get_peft_model(self.model, config)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "FrozenCausalLM":
-        super().train(False)  # the frozen LLM never runs dropout; only LoRA dropout follows `mode`
-        for name, module in self.model.named_modules():
-            if name.endswith("lora_dropout"):
-                module.train(mode)
-        self.training = mode
-        return self
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.get_input_embeddings().embedding_dim
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        for text in set(texts) - self.token_ids.keys():
-            self.token_ids[text] = self.tokenizer(text, add_special_tokens=False).input_ids
-        return [self.token_ids[t] for t in texts]
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)  # (B, L) -> (B, L, H)
-
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                first_label: int = 1) -> torch.Tensor:
-        """Mean cross-entropy of the labelled tokens (labels unshifted, IGNORE elsewhere, none before
-        `first_label`). The LM head runs only from the position before the first label on: its vocabulary-wide
-        projection is skipped for the prompt and the visual prefix."""
-        keep = torch.arange(first_label - 1, labels.shape[1] - 1, device=labels.device)    # (k,)
-        logits = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep,
-                            use_cache=False).logits                                       # (B, k, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=IGNORE)
-
-
-class LLMAssist(nn.Module):
-    """Auxiliary loss: Q-Former prefix from recognizer features, frozen LLM teacher-forced on the transcription."""
-
-    def __init__(self, connector: QFormerConnector, lm: FrozenCausalLM, prompt: str | None = None):
-        super().__init__()
-        self.connector = connector
-        self.lm = lm
-        self.prompt_ids = lm.encode([prompt])[0] if prompt else []
-
-    def forward(self, feats: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        prefix = self.connector(feats).to(self.lm.dtype)  # (B, T, 512) -> (B, Q, H)
-        batch = build_lm_batch(self.lm.encode(texts), prefix.shape[1], self.lm.bos_id, self.lm.eos_id,
-                               self.lm.pad_id, self.prompt_ids).to(feats.device)
-        embeds = self.lm.embed(batch.input_ids)  # (B, L, H)
-        start, end = batch.prefix_start, batch.prefix_start + prefix.shape[1]
-        embeds = torch.cat([embeds[:, :start], prefix, embeds[:, end:]], dim=1)  # (B, L, H)
-        return self.lm(embeds, batch.attention_mask, batch.labels, first_label=end)
-
-    @staticmethod
-    def sample_indices(batch_size: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sorted random subset of max(1, round(B * ratio)) batch indices (none when ratio <= 0)."""
-        if ratio <= 0 or batch_size == 0:
-            return torch.zeros(0, dtype=torch.long)
-        count = min(batch_size, max(1, round(batch_size * ratio)))
-        return torch.randperm(batch_size, generator=generator)[:count].sort().values
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Connector + LoRA weights as plain CPU tensors (the frozen LLM is reloaded from llm.name instead)."""
-        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
-
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state_dict())
-        if set(state_dict) != expected:
-            raise ValueError(f"LLM-assist checkpoint mismatch: missing {sorted(expected - set(state_dict))[:5]}, "
-                             f"unexpected {sorted(set(state_dict) - expected)[:5]} (same llm.* config as training?)")
-        self.load_state_dict(state_dict, strict=False)  # strict=False: the frozen LLM weights are not in it
-
-
-def llm_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """llm.dtype: auto = bf16 where the device computes it natively (CUDA, CPUs with AMX / AVX512-BF16), else fp32."""
-    from utils import native_bf16
-    if setting == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    if setting not in dtypes:
-        raise LLMLoadError(f"llm.dtype must be auto, bf16 or fp32, got {setting!r}")
-    return dtypes[setting]
-
-
-def build_llm_assist(cfg, device, feat_dim: int = 512) -> LLMAssist:
-    """From the `llm` config node (OmegaConf or dict); absent optional keys take the defaults below.
-    feat_dim is the width of the tapped features: 2 * arch.rnn_hidden_size."""
-    device = torch.device(device)
-    attn = cfg.get("attn_implementation") or ("eager" if device.type == "cpu" else None)
-    lm = FrozenCausalLM(cfg.get("name", "meta-llama/Llama-3.2-3B"), device, gguf_file=cfg.get("gguf_file"),
-                        attn_implementation=attn, load_in_4bit=cfg.get("qlora", False),
-                        dtype=llm_dtype(cfg.get("dtype", "auto"), device))
-    lora = cfg.get("lora") or {}
-    if lora.get("enabled", False):
-        lm.add_lora(r=lora.get("r", 8), alpha=lora.get("alpha", 16), dropout=lora.get("dropout", 0.05),
-                    target_modules=lora.get("target_modules"))
-    if cfg.get("compile", False):  # inductor fuses the norms, rotary and activations between the matmuls
-        from utils import require_cpp_compiler
-        require_cpp_compiler(device, "llm.compile=true", "set llm.compile=false")
-        lm.model.compile(dynamic=True)
-    connector = QFormerConnector(lm.hidden_size, feat_dim, num_queries=cfg.get("num_queries", 64),
-                                 num_layers=cfg.get("qformer_layers", 2)).to(device)
-    return LLMAssist(connector, lm, prompt=cfg.get("prompt"))

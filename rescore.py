@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import IGNORE, FrozenCausalLM, LLMLoadError, build_lm_batch, llm_dtype
+from llm_assist import IGNORE, FrozenCausalLM, LLMLoadError, build_lm_batch, llm_dtype
 from metrics import corpus_cer
 from utils import UserError
 
@@ -48,7 +48,7 @@ class LLMRescorer:
     def _score_ids(self, text_ids: list[list[int]]) -> list[float]:
         lm = self.lm
         start_id = lm.eos_id if lm.bos_id is None else lm.bos_id
-        batch = build_lm_batch(text_ids, 0, start_id, lm.eos_id, lm.pad_id).to(self.device)  # (B, L), right-padded
+        batch = build_lm_batch(text_ids, 0, [start_id], lm.eos_id, lm.pad_id).to(self.device)  # (B, L), right-padded
         logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         targets = batch.labels[:, 1:]  # (B, L-1): position t predicts token t+1
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, L-1, V)

@@ -22,7 +22,21 @@ def test_full_model_outputs_and_tap():
         out = model(torch.rand(2, 1, 128, 1024))
     assert out.logits.shape == (128, 2, 80)
     assert out.shortcut.shape == (128, 2, 80)
-    assert out.rnn1.shape == (2, 128, 64)                   # (B, T, 2*hidden): first BiLSTM layer
+    assert out.features["rnn1"].shape == (2, 128, 64)       # (B, T, 2*hidden): first BiLSTM layer
+    assert out.features["rnn_last"].shape == (2, 128, 64)   # the last one
+    assert out.features["backbone"].shape == (2, 128, 256)  # (B, T, C): the backbone's frames
+    assert model.head.feature_dims(256) == {k: v.shape[2] for k, v in out.features.items()}
+
+
+def test_each_tap_is_the_tensor_the_ctc_path_reads():
+    """A hook on a tapped tensor must see every gradient that reaches those features (TapGradients splits CTC's
+    from the LLM's there): each tap lies on the path of the logits, the backbone frames on both branches'."""
+    cfg = load_config(ROOT / "config.yaml", ["arch.rnn_hidden_size=16"])
+    out = HTRNet(cfg.arch, n_classes=12).eval()(torch.rand(1, 1, 128, 1024))
+    for name, loss in (("main", out.logits.square().sum()), ("shortcut", out.shortcut.square().sum())):
+        taps = {k: v for k, v in out.features.items() if name == "main" or k == "backbone"}
+        grads = torch.autograd.grad(loss, list(taps.values()), retain_graph=True)
+        assert all(g.abs().sum() > 0 for g in grads), name
 
 
 @pytest.mark.parametrize("hw", [(37, 53), (8, 128), (9, 9), (16, 250)])
@@ -74,7 +88,7 @@ def test_head_types(tiny_overrides, head_type, has_shortcut, has_tap):
     out = HTRNet(cfg.arch, n_classes=10)(torch.rand(2, 1, 32, 256))
     assert out.logits.shape == (32, 2, 10)
     assert (out.shortcut is not None) == has_shortcut
-    assert (out.rnn1 is not None) == has_tap
+    assert ("rnn1" in out.features) == has_tap and "backbone" in out.features
 
 
 def weight_shapes(model) -> dict:

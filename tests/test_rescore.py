@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from models import LLMLoadError
+from llm_assist import LLMLoadError
 from prepare_llm import write_tiny
 from rescore import LLMRescorer, llm_rescore, rescore_nbest, tune_beta
 from utils import UserError
