@@ -8,7 +8,8 @@ LLM path, and it reports:
     of another line of the batch (shuffled), and the LM's own loss on the text alone (no prefix). The connector has
     learned something about the image when L_LLM < text-only, and something about *this* line when L_LLM <
     shuffled;
-  - the gradients of L_CTC and of alpha x L_LLM at the tapped features (the first BiLSTM layer's output): their
+  - the prefix's RMS over the LM's embedding RMS;
+  - the gradients of L_CTC and of alpha x L_LLM at the tapped features (train.llm_tap): their
     norms and cosine, i.e. how much, and in which direction, the LLM pushes the recognizer compared with CTC.
 """
 import argparse
@@ -18,34 +19,26 @@ from pathlib import Path
 import torch
 
 from dataset import EpochBatchSampler, LineDataset, line_loader
-from models import HTRNet, build_llm_assist, build_lm_batch, ctc_loss
+from llm_assist import LLMLoadError, build_llm_assist
+from models import HTRNet, ctc_loss
 from utils import (Charset, UserError, autocast_dtype, check_compatible, load_checkpoint, load_config, resolve_device,
                    run_main)
 
 
-def text_only_loss(lm, texts) -> torch.Tensor:
-    """The frozen LM's mean token loss on [BOS] + text + EOS: what it predicts without seeing the line."""
-    batch = build_lm_batch(lm.encode(texts), 0, lm.bos_id, lm.eos_id, lm.pad_id).to(lm.model.device)
-    return lm(lm.embed(batch.input_ids), batch.attention_mask, batch.labels, first_label=batch.prefix_start + 1)
-
-
-def probe_batch(model, assist, batch, alpha: float, dtype) -> dict:
+def probe_batch(model, assist, batch, tap: str, alpha: float, dtype) -> dict:
     images, targets, lengths, texts, _ = batch
     device = next(model.parameters()).device
-    tapped = []                                                          # the first BiLSTM layer's output (T, B, 2h)
-    hook = model.head.rnn1.register_forward_hook(lambda module, args, output: tapped.append(output[0]))
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         out = model(images.to(device))
+        feats = out.features[tap]                                         # (B, T, C)
         l_ctc = ctc_loss(out.logits, targets, lengths)
-        l_llm = assist(out.rnn1, texts)
-        with torch.no_grad():
-            shuffled = assist(out.rnn1.roll(1, dims=0), texts).item() if len(texts) > 1 else float("nan")
-            text_only = text_only_loss(assist.lm, texts).item()
-    hook.remove()
-    g_ctc, = torch.autograd.grad(l_ctc, tapped[0], retain_graph=True)                   # (T, B, 2h)
-    g_llm, = torch.autograd.grad(alpha * l_llm, tapped[0])
-    return {"l_ctc": l_ctc.item(), "l_llm": l_llm.item(), "l_llm_shuffled_prefix": shuffled,
-            "l_text_only": text_only, "grad_norm_ctc": g_ctc.norm().item(), "grad_norm_llm": g_llm.norm().item(),
+        l_llm = assist(feats, texts)
+        losses = assist.diagnostics(feats, texts)
+    g_ctc, = torch.autograd.grad(l_ctc, feats, retain_graph=True)                        # (B, T, C)
+    g_llm, = torch.autograd.grad(alpha * l_llm, feats)
+    return {"l_ctc": l_ctc.item(), "l_llm": losses["llm"], "l_llm_shuffled_prefix": losses["llm_shuffled"],
+            "l_text_only": losses["llm_text_only"], "prefix_rms": losses["prefix_rms"],
+            "grad_norm_ctc": g_ctc.norm().item(), "grad_norm_llm": g_llm.norm().item(),
             "grad_cosine": torch.nn.functional.cosine_similarity(g_ctc.flatten(), g_llm.flatten(), dim=0).item()}
 
 
@@ -59,14 +52,19 @@ def probe(cfg, checkpoint, batches: int) -> dict:
     charset = Charset(ckpt["charset"])
     model = HTRNet(cfg.arch, len(charset)).to(device)
     model.load_state_dict(ckpt["model"])
-    assist = build_llm_assist(cfg.llm, device, feat_dim=2 * cfg.arch.rnn_hidden_size)
-    assist.load_trainable_state_dict(ckpt["llm"]["trainable"])
+    tap = cfg.train.llm_tap
+    try:
+        assist = build_llm_assist(cfg.llm, device, feat_dim=model.tap_width(tap))
+        assist.load_trainable_state_dict(ckpt["llm"]["trainable"])
+    except (ValueError, LLMLoadError) as e:
+        raise UserError(f"{checkpoint}: {e}") from None
     model.eval(), assist.eval()
     data = LineDataset(Path(cfg.data.path), "train", cfg.preproc.image_height, cfg.preproc.image_width,
                        cfg.data.cache)
     loader = line_loader(data, charset, batch_sampler=EpochBatchSampler(len(data), cfg.train.batch_size, cfg.seed))
     dtype = autocast_dtype(cfg.train.mixed_precision, device, "train.mixed_precision")
-    rows = [probe_batch(model, assist, batch, cfg.train.llm_alpha, dtype) for _, batch in zip(range(batches), loader)]
+    rows = [probe_batch(model, assist, batch, tap, cfg.train.llm_alpha, dtype)
+            for _, batch in zip(range(batches), loader)]
     report = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     report.update(checkpoint=str(checkpoint), step=ckpt["step"], batches=len(rows), alpha=cfg.train.llm_alpha,
                   llm=cfg.llm.name)

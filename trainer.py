@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dataset import STOP_SIGNALS, EpochBatchSampler, LineDataset, line_loader, worker_count
 from inference import predict
 from metrics import error_counts, rates
+from metrics import corpus_cer
 from models import HTRNet, ctc_loss, output_frames, parameter_report
 from runlog import RunLog
 from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, config_from_cli,
@@ -43,6 +44,25 @@ def lr_factor(step: int, steps_per_epoch: int, cfg_train) -> float:
     if cfg_train.scheduler == "none":
         return warm
     raise UserError(f"train.scheduler must be mstep, cosine or none, got {cfg_train.scheduler!r}")
+
+
+def stage_config(cfg):
+    """train.stage=align: the connector alone, on a frozen recognizer, every line through the LM, with the align.*
+    budget and learning rate; the returned config is what the run records. train.stage=joint: cfg as it is."""
+    stage = cfg.train.stage
+    if stage == "joint":
+        return cfg
+    if stage != "align":
+        raise UserError(f"train.stage must be joint or align, got {stage!r}")
+    if not (cfg.train.init_from or cfg.resume):
+        raise UserError("train.stage=align trains the connector on a trained recognizer, which stays frozen: give "
+                        "train.init_from=RUN/best.pt (or resume= an align run's last.pt)")
+    if cfg.train.llm_val_lines <= 0:
+        raise UserError("train.stage=align keeps as best.pt the connector with the lowest val L_LLM: set "
+                        "train.llm_val_lines > 0 (e.g. 64)")
+    align = {"use_llm": True, "llm_sample_ratio": 1.0, "num_epochs": cfg.align.num_epochs, "llm_lr": cfg.align.lr,
+             "warmup_steps": cfg.align.warmup_steps}
+    return OmegaConf.merge(cfg, {"train": align})
 
 
 def git_commit() -> str:
@@ -67,7 +87,8 @@ def make_accelerator(cfg):
 
 class Trainer:
     def __init__(self, cfg, resume_ckpt=None):
-        self.cfg = cfg
+        cfg = self.cfg = stage_config(cfg)
+        self.frozen = cfg.train.stage == "align"                           # the recognizer does not train
         self.acc = make_accelerator(cfg)
         if not self.acc.is_main_process:
             log.setLevel(logging.WARNING)                                  # one process reports
@@ -76,12 +97,16 @@ class Trainer:
             self.train_set, self.val_set = self._datasets()
         init = self._init_checkpoint()
         self.charset = self._charset(resume_ckpt, init)
-        self.model = HTRNet(cfg.arch, len(self.charset))
+        self.model = HTRNet(cfg.arch, len(self.charset)).requires_grad_(not self.frozen)
+        self.llm = self._llm() if cfg.train.use_llm else None
+        self.features = {}                                                 # the head's tap tensors of this step
+        if self.llm is not None:
+            self.model.head.register_forward_hook(lambda module, args, out: self.features.update(out.features))
         if init is not None:
             self._init_weights(*init)
-        self.llm = self._llm() if cfg.train.use_llm else None
-        self.params = list(self.model.parameters()) + (self.llm.trainable_parameters() if self.llm else [])
-        self.optimizer = make_optimizer(self.params, cfg.train.lr, cfg.train.weight_decay)
+        self.clip_groups = self._clip_groups()
+        self.optimizer = make_optimizer([{"params": params, "lr": lr} for params, lr, _ in self.clip_groups],
+                                        cfg.train.lr, cfg.train.weight_decay)
         self.sampler = EpochBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.seed,
                                          num_replicas=self.acc.num_processes, rank=self.acc.process_index)
         self.loader = line_loader(self.train_set, self.charset, batch_sampler=self.sampler,
@@ -95,7 +120,10 @@ class Trainer:
             self._restore(*resume_ckpt)
         self.fmt = train_memory_format(cfg.train.channels_last, self.acc.device)
         self.model = self.model.to(memory_format=self.fmt)
-        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if self.frozen:                                                    # no gradients: no DDP wrapper
+            self.model, self.optimizer = self.model.to(self.acc.device), self.acc.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if self.llm is not None:
             self.llm = self.acc.prepare(self.llm)                          # autocast (and DDP on several GPUs)
         self.run_dir = self._run_dir(cfg.resume)
@@ -151,24 +179,31 @@ class Trainer:
         return charset
 
     def _init_weights(self, ckpt: dict, path) -> None:
+        """The recognizer's weights, and the connector's when both runs have the LLM path (an align run's)."""
         check_compatible(ckpt, self.cfg, path, sections=("arch",))
         try:
             self.model.load_resized(ckpt["model"], ckpt["charset"], self.charset.chars)
         except ValueError as e:
             raise UserError(f"train.init_from={path}: another architecture ({e}); use its arch settings "
                             f"(config.yaml in its run directory)") from None
+        if self.llm is not None and "llm" in ckpt:
+            try:
+                self.llm.load_trainable_state_dict(ckpt["llm"]["trainable"])
+            except ValueError as e:
+                raise UserError(f"train.init_from={path}: {e}") from None
+            log.info("connector from %s (trained for llm.name=%s)", path, ckpt["llm"]["name"])
         shared = set(ckpt["charset"]) & set(self.charset.chars)
         log.info("initialised from %s: %d of %d characters shared, %d new", path, len(shared),
                  len(self.charset.chars), len(self.charset.chars) - len(shared))
 
     def _llm(self):
-        if self.cfg.arch.head_type == "cnn":
-            raise UserError("train.use_llm=true needs a recurrent head (arch.head_type both or rnn)")
-        from models import LLMLoadError, build_llm_assist
+        from llm_assist import LLMLoadError, TapGradients, build_llm_assist
         try:
-            assist = build_llm_assist(self.cfg.llm, self.acc.device, feat_dim=2 * self.cfg.arch.rnn_hidden_size)
-        except LLMLoadError as e:
+            width = self.model.tap_width(self.cfg.train.llm_tap)
+            assist = build_llm_assist(self.cfg.llm, self.acc.device, feat_dim=width)
+        except (ValueError, LLMLoadError) as e:
             raise UserError(str(e)) from None
+        self.tap_grads = TapGradients(self.cfg.train.llm_grad_ratio)
         log.info("LLM path: %s, %.2fM trainable parameters (connector%s)", self.cfg.llm.name,
                  sum(p.numel() for p in assist.trainable_parameters()) / 1e6,
                  " + LoRA" if self.cfg.llm.lora.enabled else "")
@@ -176,6 +211,16 @@ class Trainer:
             log.info("llm.compile: the first step compiles the LM (~1.5 min for SmolLM2 on 2 CPU cores; "
                      "inductor caches it on disk for later runs)")
         return assist
+
+    def _clip_groups(self) -> list:
+        """(parameters, learning rate, max gradient norm) of the recognizer and of the connector: each clipped on
+        its own, so a large α·L_LLM cannot shrink CTC's step through one global norm."""
+        train, groups = self.cfg.train, []
+        if not self.frozen:
+            groups.append((list(self.model.parameters()), train.lr, train.grad_clip))
+        if self.llm is not None:
+            groups.append((self.llm.trainable_parameters(), train.llm_lr or train.lr, train.llm_grad_clip))
+        return groups
 
     def _run_dir(self, resume) -> Path:
         if resume:
@@ -270,15 +315,24 @@ class Trainer:
         return stop
 
     def loss(self, images, targets, lengths, texts) -> dict:
-        out = self.model(images)
-        losses = {"ctc": ctc_loss(out.logits, targets, lengths)}
-        if out.shortcut is not None and self.cfg.train.shortcut_weight:
-            losses["shortcut"] = ctc_loss(out.shortcut, targets, lengths)
-        total = losses["ctc"] + self.cfg.train.shortcut_weight * losses.get("shortcut", 0.0)
+        """L = L_CTC + shortcut_weight * L_shortcut + α * L_LLM (align stage: L_LLM alone). L_CTC is summed per
+        line; `ctc_per_char` (per target character, the scale of L_LLM's per-token mean) is logged beside it."""
+        with torch.set_grad_enabled(not self.frozen):
+            out = self.model(images)
+        losses = {}
+        if not self.frozen:
+            losses["ctc"] = ctc_loss(out.logits, targets, lengths)
+            losses["ctc_per_char"] = losses["ctc"].detach() * len(texts) / lengths.sum().clamp_min(1)
+            if out.shortcut is not None and self.cfg.train.shortcut_weight:
+                losses["shortcut"] = ctc_loss(out.shortcut, targets, lengths)
+        total = losses.get("ctc", 0.0) + self.cfg.train.shortcut_weight * losses.get("shortcut", 0.0)
         if self.llm is not None:
+            # the very tensor the CTC path reads, from the head's hook: accelerate's mixed precision hands the
+            # model's outputs back as fp32 copies, whose gradient would be the LLM's alone (TapGradients)
+            tap = self.features[self.cfg.train.llm_tap]                     # (B, T, C)
             idx = self.acc.unwrap_model(self.llm).sample_indices(len(texts), self.cfg.train.llm_sample_ratio)
-            losses["llm"] = self.llm(out.rnn1[idx.to(out.rnn1.device)], [texts[i] for i in idx.tolist()])
-            total = total + self._llm_alpha() * losses["llm"]
+            losses["llm"] = self.llm(self.tap_grads.attach(tap, idx.to(tap.device)), [texts[i] for i in idx.tolist()])
+            total = total + (1.0 if self.frozen else self._llm_alpha()) * losses["llm"]
         losses["total"] = total
         return losses
 
@@ -302,7 +356,7 @@ class Trainer:
 
     def train_epoch(self) -> dict:
         """The rest of the current epoch; returns mean losses and throughput, or None when stopped before its end."""
-        self.model.train()
+        self.model.train(not self.frozen)
         if self.llm is not None:
             self.llm.train()                                               # connector dropout; the LLM stays eval
         self.sampler.set_epoch(self.epoch, self.epoch_step)
@@ -316,17 +370,20 @@ class Trainer:
             losses = self.loss(images, targets, lengths, texts)
             self.optimizer.zero_grad(set_to_none=True)
             self.acc.backward(losses["total"])
-            if self.cfg.train.grad_clip:
-                self.acc.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+            for params, _, max_norm in self.clip_groups:
+                if max_norm:
+                    self.acc.clip_grad_norm_(params, max_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.step, self.epoch_step, lines = self.step + 1, self.epoch_step + 1, lines + len(texts)
             values = {k: float(v.detach()) for k, v in losses.items()}
+            if self.llm is not None and not self.frozen:
+                values.update(self.tap_grads.stats)                        # the two gradients at the tap
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v * len(texts)
             self.runlog.record_step(self.step, {**values, "lr": self.scheduler.get_last_lr()[0]})
             bar.update()
-            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k != "shortcut"},
+            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("ctc", "llm", "total")},
                             lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                             lines_s=f"{lines / (time.perf_counter() - t0):.1f}")
             if self.epoch_step < steps and self._stop_requested():
@@ -355,19 +412,46 @@ class Trainer:
         metrics = rates(counts)
         return {"val_cer": metrics["cer"], "val_wer": metrics["wer"], "val_lines": counts["lines"]}
 
+    @torch.no_grad()
+    def validate_llm(self) -> dict:
+        """Does the prefix carry the line? On the first train.llm_val_lines val lines: L_LLM, the LM's loss on the
+        text alone and with another line's prefix (nats per token), the prefix's RMS over the LM's embedding RMS,
+        and the reading test: the CER of what the frozen LM writes from the prefix alone."""
+        model, assist = self.acc.unwrap_model(self.model).eval(), self.acc.unwrap_model(self.llm).eval()
+        lines = Subset(self.val_set, range(min(self.cfg.train.llm_val_lines, len(self.val_set))))
+        feats, texts = [], []
+        for images, _, _, batch_texts, _ in line_loader(lines, self.charset, batch_size=self.cfg.eval.batch_size):
+            with self.acc.autocast():
+                out = model(images.to(self.acc.device).contiguous(memory_format=self.fmt))
+            feats.append(out.features[self.cfg.train.llm_tap].float())
+            texts += batch_texts
+        feats = torch.cat(feats)                                           # (N, T, C)
+        stats = assist.diagnostics(feats, texts)
+        longest = max(len(ids) for ids in assist.lm.encode(texts))
+        reading = assist.read(feats, max_new_tokens=longest + 8)
+        stats["reading_cer"] = corpus_cer(texts, reading)
+        log.info("LLM on %d val lines: L_LLM %.3f, text only %.3f, shuffled prefix %.3f; reading test CER %.4f "
+                 "(e.g. %r for %r)", len(texts), stats["llm"], stats["llm_text_only"], stats["llm_shuffled"],
+                 stats["reading_cer"], reading[0], texts[0])
+        return {f"val_{k}": v for k, v in stats.items()}
+
     def _after_epoch(self, stats: dict) -> bool:
-        """Validate / save as scheduled; returns True when early stopping says to stop."""
+        """Validate / save as scheduled; returns True when early stopping says to stop. best.pt is the lowest val
+        CER, in the align stage the lowest val L_LLM (the recognizer's CER does not change there)."""
         cfg = self.cfg.train
         last = self.epoch == cfg.num_epochs
         if self.val_set is not None and (self.epoch % cfg.val_every_k_epochs == 0 or last):
             stats.update(self.validate())
-            if stats["val_cer"] < self.best_cer:
-                self.best_cer, self.bad_validations = stats["val_cer"], 0
+            if self.llm is not None and cfg.llm_val_lines > 0:
+                stats.update(self.validate_llm())
+            score = stats["val_llm"] if self.frozen else stats["val_cer"]
+            if score < self.best_cer:
+                self.best_cer, self.bad_validations = score, 0
                 self.save("best.pt")
             else:
                 self.bad_validations += 1
-            log.info("epoch %d: val CER %.4f WER %.4f (best %.4f)", self.epoch, stats["val_cer"],
-                     stats["val_wer"], self.best_cer)
+            log.info("epoch %d: val CER %.4f WER %.4f (best %s %.4f)", self.epoch, stats["val_cer"],
+                     stats["val_wer"], "L_LLM" if self.frozen else "CER", self.best_cer)
         self.runlog.record(self.epoch, self.step, stats)          # before last.pt: a resumed run redoes and rewrites
         if self.epoch % cfg.save_every_k_epochs == 0 or last or "val_cer" in stats:
             self.save("last.pt")

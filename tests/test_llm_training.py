@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import trainer
-from conftest import ROOT
+from conftest import ROOT, WORDS
 from prepare_llm import write_tiny
 from utils import UserError, load_checkpoint, load_config
 
@@ -89,3 +89,71 @@ def test_probe_reports_losses_and_gradients_at_the_tapped_features(tiny_override
         probe_llm.main([str(ROOT / "config.yaml"), *tiny_overrides, *llm, f"resume={off}"])
     with pytest.raises(UserError, match="another architecture: arch.rnn_hidden_size"):       # not a torch traceback
         probe_llm.main([str(ROOT / "config.yaml"), *tiny_overrides, *llm, f"resume={last}", "arch.rnn_hidden_size=24"])
+
+
+def llm_keys(tiny_llama, *extra):
+    return ["train.use_llm=true", f"llm.name={tiny_llama}", "llm.num_queries=8", "llm.qformer_layers=1", *extra]
+
+
+def test_align_stage_trains_the_connector_alone_and_the_joint_stage_starts_from_it(tiny_overrides, tiny_llama):
+    base = make(tiny_overrides + ["train.num_epochs=1", "model.run_name=base"]).fit()
+    recognizer = load_checkpoint(base)["model"]
+    t = make(tiny_overrides + llm_keys(tiny_llama, "train.stage=align", f"train.init_from={base}",
+                                       "align.num_epochs=2", "align.warmup_steps=0", "train.llm_val_lines=3",
+                                       "model.run_name=align"))
+    assert t.cfg.train.llm_sample_ratio == 1.0 and t.cfg.train.num_epochs == 2         # align.* in effect
+    assert [g["lr"] for g in t.optimizer.param_groups] == [t.cfg.align.lr]             # the connector alone
+    t.fit()
+    for k, v in t.model.state_dict().items():                                          # the recognizer is frozen
+        assert torch.equal(v, recognizer[k]), k
+    steps, rows = t.runlog.steps, t.runlog.rows
+    assert all("llm" in r and "ctc" not in r for r in steps) and len(steps) == 4
+    assert all(r["llm"] > 0 for r in steps)
+    for key in ("val_llm", "val_llm_text_only", "val_llm_shuffled", "val_prefix_rms", "val_reading_cer"):
+        assert all(key in r and r[key] == r[key] for r in rows), key                   # logged, not NaN
+    best = load_checkpoint(t.run_dir / "best.pt")
+    assert best["best_cer"] == min(r["val_llm"] for r in rows)                         # best.pt: lowest val L_LLM
+    joint = make(tiny_overrides + llm_keys(tiny_llama, f"train.init_from={t.run_dir / 'best.pt'}",
+                                           "model.run_name=joint"))
+    for k, v in joint.llm.connector.state_dict().items():
+        assert torch.equal(v, best["llm"]["trainable"][f"connector.{k}"]), k
+
+
+def test_stage_tap_and_connector_mistakes_are_one_clear_error_each(tiny_overrides, tiny_llama, tmp_path):
+    with pytest.raises(UserError, match="train.stage=align trains the connector on a trained recognizer"):
+        make(tiny_overrides + llm_keys(tiny_llama, "train.stage=align"))
+    with pytest.raises(UserError, match="train.stage must be joint or align, got 'aling'"):
+        make(tiny_overrides + ["train.stage=aling"])
+    with pytest.raises(UserError, match="train.llm_tap='rnn2' does not exist .*use one of backbone, rnn1, rnn_last"):
+        make(tiny_overrides + llm_keys(tiny_llama, "train.llm_tap=rnn2"))
+    with pytest.raises(UserError, match="train.llm_tap='rnn1' does not exist for arch.head_type=cnn"):
+        make(tiny_overrides + llm_keys(tiny_llama, "arch.head_type=cnn"))
+    llm_run = make(tiny_overrides + llm_keys(tiny_llama, "train.num_epochs=1", "model.run_name=llm")).fit()
+    with pytest.raises(UserError, match="init_from=.*another LM or tap width.*train.llm_tap"):
+        make(tiny_overrides + llm_keys(tiny_llama, f"train.init_from={llm_run}", "train.llm_tap=backbone"))
+
+
+@pytest.mark.parametrize("tap", ["rnn1", "backbone", "rnn_last"])
+def test_joint_stage_balances_and_logs_both_gradients_at_the_tap(tiny_overrides, tiny_llama, tap):
+    t = make(tiny_overrides + llm_keys(tiny_llama, f"train.llm_tap={tap}", "train.num_epochs=1", "train.llm_alpha=1000",
+                                       "train.llm_grad_ratio=0.3", "train.llm_sample_ratio=0.5"))
+    t.fit()
+    for row in t.runlog.steps:
+        assert row["grad_ctc"] > 0 and row["grad_llm"] > 0 and -1 <= row["grad_cosine"] <= 1
+        assert row["grad_llm"] * row["grad_llm_scale"] == pytest.approx(0.3 * row["grad_ctc"], rel=1e-4)
+        assert row["ctc_per_char"] == pytest.approx(row["ctc"] * 4 / sum(map(len, WORDS[:4])), rel=0.6)
+
+
+def test_each_loss_group_is_clipped_on_its_own(tiny_overrides, tiny_llama):
+    """A huge α·L_LLM fills the connector's gradient; the recognizer's clipped gradient must not shrink for it,
+    as one global norm over both would make it."""
+    t = make(tiny_overrides + llm_keys(tiny_llama, "train.llm_alpha=1e6", "train.grad_clip=5",
+                                       "train.llm_grad_clip=0.01", "train.llm_grad_ratio=0.3"))
+    images, targets, lengths, texts, _ = next(iter(t.loader))
+    t.loss(images, targets, lengths, texts)["total"].backward()
+    (recognizer, _, clip), (connector, _, llm_clip) = t.clip_groups
+    own = torch.nn.utils.get_total_norm([p.grad for p in recognizer])
+    for params, _, max_norm in t.clip_groups:
+        t.acc.clip_grad_norm_(params, max_norm)
+    assert torch.nn.utils.get_total_norm([p.grad for p in connector]) == pytest.approx(llm_clip, rel=1e-3)
+    assert torch.nn.utils.get_total_norm([p.grad for p in recognizer]) == pytest.approx(min(own, clip), rel=1e-3)
