@@ -9,16 +9,21 @@ prints their ratios: these machines are noisy and only same-run ratios are stabl
 Train = forward + backward + optimizer step at train.batch_size on random (B, 1, H, W) lines; eval = batched
 forward at eval.batch_size; demo = one line. achieved_gflops = lines/s x the forward's FLOPs (x3 for a train
 step), to compare with what the machine's convolutions and matmuls can do.
+--contention measures only the CPU train step, alone and beside one CPU-bound process, with the thread count
+trainer.py picks and with every usable CPU.
 --loader measures only the training data loader (lines/s, augmentation on, as trainer.py builds it) on the train
 split of data.path for each worker count given, each a full start (fork) and `--loader-lines` lines.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +31,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dataset import EpochBatchSampler, LineDataset, line_loader
+from dataset import EpochBatchSampler, LineDataset, line_loader, worker_count
 from models import HTRNet, ctc_loss, fuse_conv_bn, parameter_report
 from utils import (Charset, autocast_dtype, load_config, make_optimizer, mixed_precision, require_cpp_compiler,
-                   resolve_device, run_main, train_memory_format, usable_cpus, use_fixed_size_kernels)
+                   resolve_device, run_main, set_torch_threads, train_memory_format, usable_cpus,
+                   use_fixed_size_kernels)
 
 N_CLASSES = 80          # IAM-sized charset + blank
 LLM_TEXT = "A MOVE to stop Mr. Gaitskell from nominating any more Labour life Peers"   # an IAM-length line
@@ -132,6 +138,40 @@ def measure_onnx(cfg, steps: int) -> dict:
                 for name, recognizer in (("fp32", OnnxRecognizer(fp32)), ("int8", OnnxRecognizer(int8)))}
 
 
+@contextlib.contextmanager
+def cpu_hog():
+    """One CPU-bound process beside this one (another user's job on a shared machine), ended on exit."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)                                                   # running before the timing starts
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def measure_contention(cfg, steps: int) -> dict:
+    """Train lines/s of the tuned CPU step alone and beside one CPU-bound process, with the PyTorch thread count
+    trainer.py picks (train.num_threads, beside train.num_workers loader workers) and with every usable CPU
+    (PyTorch's own default): busy / alone for each."""
+    cpu = torch.device("cpu")
+    choices = {"trainer": set_torch_threads(cfg.train.num_threads, worker_count(cfg.train.num_workers,
+                                                                                "train.num_workers"),
+                                            "train.num_threads"),
+               "all_cpus": usable_cpus()}
+    variant = Variant(cfg, cpu, tuned=True, compile_model=False)
+    batch = variant.batch(cfg.train.batch_size, cfg.preproc.image_height, cfg.preproc.image_width, True)
+    report = {"usable_cpus": usable_cpus(), "train_num_workers": cfg.train.num_workers}
+    for name, threads in choices.items():
+        torch.set_num_threads(threads)
+        alone = cfg.train.batch_size / timed(lambda: variant.train_step(*batch), cpu, steps)
+        with cpu_hog():
+            busy = cfg.train.batch_size / timed(lambda: variant.train_step(*batch), cpu, steps)
+        report[name] = {"threads": threads, "alone_lines_per_s": round(alone, 1), "busy_lines_per_s": round(busy, 1),
+                        "busy_over_alone": round(busy / alone, 3)}
+    return report
+
+
 def measure_loader(cfg, workers: list, lines: int) -> dict:
     """Training loader throughput per worker count: lines/s from starting the loader to its `lines`-th line."""
     pre = cfg.preproc
@@ -185,10 +225,16 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the tuned variant")
     parser.add_argument("--llm", action="store_true",
                         help="also time the tuned train step with the LLM path on vs off (llm.* config keys)")
+    parser.add_argument("--contention", action="store_true",
+                        help="only time the CPU train step alone and beside a CPU-bound process (thread choice)")
     parser.add_argument("--loader", help="only time the training data loader, for these worker counts (0,1,2,8)")
     parser.add_argument("--loader-lines", type=int, default=512, help="lines read per worker count")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
+    if args.contention:
+        print(json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "config": args.config,
+                          "contention": measure_contention(cfg, args.steps)}, indent=2))
+        return
     if args.loader:
         workers = [int(n) for n in args.loader.split(",")]
         print(json.dumps({"cpu": cpu_name(), "image": [cfg.preproc.image_height, cfg.preproc.image_width],

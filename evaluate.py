@@ -22,8 +22,8 @@ from inference import predict
 from metrics import error_rates
 from model_folder import LM
 from onnx_runtime import load_recognizer
-from utils import (UserError, autocast_dtype, config_from_cli, normalize_text, resolve_device, run_main, to_plain,
-                   use_fixed_size_kernels)
+from utils import (UserError, autocast_dtype, config_from_cli, normalize_text, resolve_device, run_main,
+                   set_torch_threads, to_plain, use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
 TUNE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
@@ -214,6 +214,9 @@ def evaluate(cfg, checkpoint) -> dict:
         raise UserError("decode.llm_rescore=true rescores beam-search n-best lists: add decode.mode=beam")
     device = resolve_device(cfg.device)
     use_fixed_size_kernels(device)
+    if device.type == "cpu":                                  # before onnxruntime takes torch's thread count
+        set_torch_threads(cfg.eval.num_threads, worker_count(cfg.eval.num_workers, "eval.num_workers"),
+                          "eval.num_threads")
     model, charset = load_recognizer(cfg, checkpoint, cfg.runtime, device, channels_last=True)
     loader = make_loader(cfg, cfg.eval.split, charset)
     out = infer(cfg, model, loader, charset)

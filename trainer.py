@@ -22,13 +22,12 @@ from tqdm import tqdm
 
 from dataset import STOP_SIGNALS, EpochBatchSampler, LineDataset, line_loader, worker_count
 from inference import predict
-from metrics import error_counts, rates
-from metrics import corpus_cer
+from metrics import corpus_cer, error_counts, rates
 from models import HTRNet, ctc_loss, output_frames, parameter_report
 from runlog import RunLog
 from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, config_from_cli,
                    load_checkpoint, make_optimizer, mixed_precision, remove_stale_temp_files, resolve_device, run_main,
-                   save_checkpoint, to_plain, train_memory_format, use_fixed_size_kernels)
+                   save_checkpoint, set_torch_threads, to_plain, train_memory_format, use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
 
@@ -109,8 +108,11 @@ class Trainer:
                                         cfg.train.lr, cfg.train.weight_decay)
         self.sampler = EpochBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.seed,
                                          num_replicas=self.acc.num_processes, rank=self.acc.process_index)
-        self.loader = line_loader(self.train_set, self.charset, batch_sampler=self.sampler,
-                                  workers=self._workers(cfg.train.num_workers, "train.num_workers"),
+        workers = self._workers(cfg.train.num_workers, "train.num_workers")
+        if self.acc.device.type == "cpu":
+            set_torch_threads(cfg.train.num_threads, workers, "train.num_threads",
+                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        self.loader = line_loader(self.train_set, self.charset, batch_sampler=self.sampler, workers=workers,
                                   timeout=cfg.data.loader_timeout, pin_memory=self.acc.device.type == "cuda")
         steps_per_epoch = self.sampler.steps_per_epoch                     # per process, after sharding
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -48,7 +48,7 @@ from onnx_runtime import load_recognizer
 from pagexml import PageXmlError, read_page, set_line_text, write_page
 from prepare_pages import IMAGE_EXTS, ImageFinder, LineCutter, PageProblem, find_image, hidden, image_roots, load_image
 from utils import (UserError, atomic_write, autocast_dtype, config_from_cli, mixed_precision, resolve_device,
-                   run_main, to_plain, usable_cpus, use_fixed_size_kernels)
+                   run_main, set_torch_threads, to_plain, use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
 TSV = "transcriptions.tsv"
@@ -468,7 +468,7 @@ def main(argv=None) -> None:
     workers, threads = max(1, worker_count(cfg.eval.num_workers, "eval.num_workers")), torch.get_num_threads()
     # The model gets the CPUs the workers leave (onnxruntime takes torch's count): on 2 busy CPUs, 1 worker and 2
     # model threads made PyTorch 3-15x slower than 1 thread (README: Transcribe).
-    torch.set_num_threads(max(1, min(threads, usable_cpus() - workers)))
+    set_torch_threads(cfg.eval.num_threads, workers, "eval.num_threads")
     try:
         summary = run(cfg, flags, beam, pages, line_paths, finders, workers)
     finally:

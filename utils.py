@@ -2,6 +2,7 @@
 import contextlib
 import difflib
 import logging
+import math
 import os
 import shutil
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+log = logging.getLogger("htr")
 
 
 class UserError(Exception):
@@ -110,9 +113,37 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device={name!r} is not a valid device; use auto, cpu, cuda or cuda:N") from None
 
 
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup may use (cgroup v2 cpu.max, v1 cpu.cfs_quota_us / period: a
+    container's --cpus), None when unlimited or unknown."""
+    try:
+        if (root / "cpu.max").is_file():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+        else:
+            quota, period = ((root / "cpu" / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period"))
+    except (OSError, ValueError):
+        return None
+    return None if quota in ("max", "-1") else int(quota) / int(period)
+
+
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: taskset, cgroups, SLURM), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPUs this process may run on: its affinity mask (taskset, cgroups, SLURM) and its cgroup's CPU quota, not
+    the machine's count."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def set_torch_threads(requested: int, workers: int, key: str, processes: int = 1) -> int:
+    """PyTorch's intra-op threads: `requested`, or for 0 the CPUs this process may use (shared by `processes`)
+    less the loader `workers`, at least 1; set and logged. More threads than free cores is what slowed training
+    15-20x when another process took a core: every parallel region waits for the thread that lost its core."""
+    usable = usable_cpus() // processes
+    threads = requested or max(1, usable - workers)
+    torch.set_num_threads(threads)
+    log.info("%d PyTorch thread(s) beside %d loader worker(s) on %d usable CPU(s) (%s=%d%s)", threads, workers,
+             usable, key, requested, "" if requested else ": auto")
+    return threads
 
 
 def use_fixed_size_kernels(device: torch.device) -> None:

@@ -55,3 +55,18 @@ def test_bad_input_is_one_line_not_a_traceback(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmark.py", str(ROOT / "config.yaml"), *TINY, "--compile"])
     with pytest.raises(UserError, match="--compile builds C\\+\\+ code.*no C\\+\\+ compiler.*leave out --compile"):
         benchmark.main()
+
+
+def test_contention_benchmark_reports_busy_over_alone_for_each_thread_choice():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), str(ROOT / "config.yaml"), *TINY,
+                           "train.num_workers=1", "--contention", "--steps", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)["contention"]
+    usable = report["usable_cpus"]
+    assert report["trainer"]["threads"] == max(1, usable - 1) and report["all_cpus"]["threads"] == usable
+    for choice in ("trainer", "all_cpus"):
+        r = report[choice]
+        assert r["alone_lines_per_s"] > 0 and r["busy_lines_per_s"] > 0
+        assert r["busy_over_alone"] == pytest.approx(r["busy_lines_per_s"] / r["alone_lines_per_s"], abs=0.01)
+    assert "while True: pass" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+import utils
 from metrics import error_rates
 from utils import (Charset, UserError, atomic_write, autocast_dtype, load_config, mixed_precision, resolve_device,
                    split_cli, train_memory_format)
@@ -126,3 +127,39 @@ def test_atomic_write_keeps_the_old_file_and_no_temp_on_any_error(tmp_path):
             f.write("epoch\n1\n2")
             raise KeyboardInterrupt                                  # Ctrl-C half-way through a write
     assert path.read_text() == "epoch\n1\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+@pytest.mark.parametrize("files, quota", [({"cpu.max": "150000 100000\n"}, 1.5), ({"cpu.max": "max 100000\n"}, None),
+                                          ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"},
+                                           0.5),
+                                          ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+                                          ({}, None)])
+def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert utils.cpu_quota(tmp_path) == quota
+
+
+@pytest.mark.parametrize("affinity, quota, usable", [(4, None, 4), (4, 1.5, 2), (4, 0.5, 1), (2, 8.0, 2)])
+def test_usable_cpus_is_the_affinity_mask_capped_by_the_quota(monkeypatch, affinity, quota, usable):
+    monkeypatch.setattr(utils.os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    monkeypatch.setattr(utils, "cpu_quota", lambda: quota)
+    assert utils.usable_cpus() == usable
+
+
+@pytest.mark.parametrize("requested, workers, processes, threads", [(0, 1, 1, 3), (0, 0, 1, 4), (0, 6, 1, 1),
+                                                                    (0, 1, 2, 1), (2, 1, 1, 2)])
+def test_torch_threads_leave_the_workers_their_cpus(monkeypatch, caplog, requested, workers, processes, threads):
+    """On 4 usable CPUs: the loader workers' CPUs are not the model's (a busy core must not stall a parallel
+    region); at least one thread; an explicit train.num_threads wins. Logged with the key that overrides it."""
+    monkeypatch.setattr(utils, "usable_cpus", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("INFO", logger="htr"):
+            assert utils.set_torch_threads(requested, workers, "train.num_threads", processes) == threads
+        assert torch.get_num_threads() == threads
+        assert f"{threads} PyTorch thread(s) beside {workers} loader worker(s)" in caplog.text
+        assert f"(train.num_threads={requested}" in caplog.text
+    finally:
+        torch.set_num_threads(before)
