@@ -1,6 +1,6 @@
 """What a run records, in its directory: per-step training losses (train_steps.csv, append-only), per-epoch metrics
 (metrics.csv, rewritten atomically), TensorBoard scalars, and learning_curve.png (smoothed per-step losses above,
-validation CER below)."""
+with the LLM path's validation losses; validation CER below, and the LLM reading test's)."""
 import csv
 import logging
 from pathlib import Path
@@ -12,6 +12,8 @@ from utils import atomic_write
 log = logging.getLogger("htr")
 SMOOTHED_POINTS = 40              # the plot's per-step losses are averaged over len/40 steps
 COUNTS = ("epoch", "step", "val_lines")
+LLM_VAL_CURVES = (("val_llm", "o-", "val L_LLM"), ("val_llm_shuffled", "x--", "val, another line's prefix"),
+                  ("val_llm_text_only", "s:", "val, text alone"))
 
 
 def read_rows(path: Path, key: str) -> list:
@@ -105,15 +107,23 @@ class RunLog:
             xs, ys = zip(*[(r["step"], r[key]) for r in self.steps if key in r])
             top.plot(xs, ys, color=f"C{i}", alpha=0.25, linewidth=0.5)
             top.plot(xs, smooth(ys), color=f"C{i}", label=f"L_{key.upper()} (smoothed)")
+        for key, style, label in LLM_VAL_CURVES:                        # the LLM path's val losses, nats per token
+            val = [r for r in self.rows if key in r]
+            if val:
+                top.plot([r["step"] for r in val], [r[key] for r in val], style, color="C1", label=label)
         top.set_yscale("log")
-        top.set_ylabel("training loss per step")
+        top.set_ylabel("loss per step (L_LLM: nats per token)")
         if top.lines:                                                   # no steps logged yet: no legend
-            top.legend(loc="upper right")
-        val = [r for r in self.rows if "val_cer" in r]
-        bottom.plot([r["step"] for r in val], [100 * r["val_cer"] for r in val], "o-", color="C2")
-        for r in val[-1:]:
-            bottom.annotate(f"{100 * r['val_cer']:.1f} %", (r["step"], 100 * r["val_cer"]),
-                            textcoords="offset points", xytext=(0, 6), ha="center")
+            top.legend(loc="upper right", fontsize="small")
+        for key, color, label in (("val_cer", "C2", "recognizer (greedy)"), ("val_reading_cer", "C3",
+                                                                              "reading test (LM from the prefix)")):
+            val = [r for r in self.rows if key in r]
+            bottom.plot([r["step"] for r in val], [100 * r[key] for r in val], "o-", color=color, label=label)
+            for r in val[-1:]:
+                bottom.annotate(f"{100 * r[key]:.1f} %", (r["step"], 100 * r[key]),
+                                textcoords="offset points", xytext=(0, 6), ha="center")
+        if any("val_reading_cer" in r for r in self.rows):
+            bottom.legend(loc="upper right", fontsize="small")
         bottom.set_ylabel("validation CER (%)")
         bottom.set_xlabel("optimizer step")
         bottom.set_xlim(0, max(steps + [r["step"] for r in val] + [1]))

@@ -111,6 +111,7 @@ def test_align_stage_trains_the_connector_alone_and_the_joint_stage_starts_from_
     assert all(r["llm"] > 0 for r in steps)
     for key in ("val_llm", "val_llm_text_only", "val_llm_shuffled", "val_prefix_rms", "val_reading_cer"):
         assert all(key in r and r[key] == r[key] for r in rows), key                   # logged, not NaN
+    assert (t.run_dir / "learning_curve.png").is_file()                                # with the val L_LLM curves
     best = load_checkpoint(t.run_dir / "best.pt")
     assert best["best_cer"] == min(r["val_llm"] for r in rows)                         # best.pt: lowest val L_LLM
     joint = make(tiny_overrides + llm_keys(tiny_llama, f"train.init_from={t.run_dir / 'best.pt'}",
