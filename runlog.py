@@ -126,7 +126,7 @@ class RunLog:
             bottom.legend(loc="upper right", fontsize="small")
         bottom.set_ylabel("validation CER (%)")
         bottom.set_xlabel("optimizer step")
-        bottom.set_xlim(0, max(steps + [r["step"] for r in val] + [1]))
+        bottom.set_xlim(0, max(steps + [r["step"] for r in self.rows if "val_cer" in r] + [1]))
         fig.tight_layout()
         fig.savefig(self.run_dir / "learning_curve.png", dpi=100)
         plt.close(fig)
