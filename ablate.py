@@ -27,7 +27,7 @@ import numpy as np
 from rapidfuzz.distance import Levenshtein
 
 import evaluate
-from onnx_runtime import load_recognizer
+from htr.onnx_runtime import load_recognizer
 from utils import UserError, load_config, resolve_device, run_main
 
 log = logging.getLogger("htr")
@@ -161,7 +161,7 @@ def plot_curves(run_dirs: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from runlog import read_rows
+    from htr.runlog import read_rows
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for a, (arm, seeds) in enumerate(run_dirs.items()):
         for s, (seed, run_dir) in enumerate(seeds.items()):

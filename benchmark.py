@@ -124,7 +124,7 @@ def measure_onnx(cfg, steps: int) -> dict:
     """Eval lines/s of the exported model in onnxruntime (CPU), fp32 and int8 (export.int8's quantization,
     calibrated here on random lines: the activation ranges do not change the speed)."""
     from export import export, quantize_int8
-    from onnx_runtime import OnnxRecognizer
+    from htr.onnx_runtime import OnnxRecognizer
     torch.manual_seed(0)
     model = fuse_conv_bn(HTRNet(cfg.arch, N_CLASSES).eval())
     charset = Charset("".join(chr(0x21 + i) for i in range(N_CLASSES - 1)))
@@ -281,7 +281,7 @@ def measure_llm(cfg, device, steps: int, rounds: int = 3) -> dict:
     """Train step with the LLM path on vs off, timed in alternating rounds in this process (these machines drift
     over minutes: the ratio of the two medians is what repeats); peak memory of the LLM-on step, with the
     LLM-off variant's model and optimizer state resident beside it."""
-    from llm_assist import build_llm_assist
+    from htr.llm_assist import build_llm_assist
     llm = build_llm_assist(cfg.llm, device, feat_dim=HTRNet(cfg.arch, N_CLASSES).tap_width(cfg.train.llm_tap))
     variants = {"off": Variant(cfg, device, tuned=True, compile_model=False),
                 "on": Variant(cfg, device, tuned=True, compile_model=False, llm=llm)}

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from decoding import CharNgramLM, decode_batch, greedy_decode
-from metrics import corpus_cer
+from htr.decoding import CharNgramLM, decode_batch, greedy_decode
+from htr.metrics import corpus_cer
 
 CHARSET = " " + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "0123456789" + ".,;:'\"!?()-&/#*+"
 CONFUSABLE = ["ec", "ao", "nu", "il", "rn", "vu", "hb", "gq", "O0", "l1", ".,", "mw", "tf"]

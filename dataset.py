@@ -1,7 +1,7 @@
 """Line datasets: `<root>/<split>/<id>.png` + `<root>/<split>/gt.txt` (`<id> <transcription>` per line).
 
 Lines are validated on load (bad ones are skipped and listed in one warning), read and preprocessed once as
-upstream (images.py: grey, ink bright on a dark background, aspect-preserving resize into (H-16) x (W-16)) and cached
+upstream (htr/images.py: grey, ink bright on a dark background, aspect-preserving resize into (H-16) x (W-16)) and cached
 as uint8, in memory and optionally on disk, so later epochs only pad, augment and convert. Training batches come from
 EpochBatchSampler (reproducible from the seed and the epoch, sharded over processes, resumable mid-epoch) and are
 augmented with a seed per (epoch, line), so what a line looks like does not depend on worker count or order.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from images import pad_center, preprocess, read_image, to_tensor
+from htr.images import pad_center, preprocess, read_image, to_tensor
 from utils import Charset, UserError, atomic_write, normalize_text, usable_cpus
 
 log = logging.getLogger("htr")

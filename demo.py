@@ -8,10 +8,10 @@ is transcribed with a warning on stderr that says how it was scaled.
 import logging
 from pathlib import Path
 
-from images import load_for_inference
-from decoding import greedy_decode, line_confidence
-from inference import line_log_probs
-from onnx_runtime import load_recognizer
+from htr.images import load_for_inference
+from htr.decoding import greedy_decode, line_confidence
+from htr.inference import line_log_probs
+from htr.onnx_runtime import load_recognizer
 from utils import UserError, autocast_dtype, config_from_cli, resolve_device, run_main
 
 

@@ -18,10 +18,10 @@ import torch
 from rapidfuzz.distance import Levenshtein
 
 from dataset import LineDataset, line_loader, read_gt, worker_count
-from inference import predict
-from metrics import error_rates
-from model_folder import LM
-from onnx_runtime import load_recognizer
+from htr.inference import predict
+from htr.metrics import error_rates
+from htr.model_folder import LM
+from htr.onnx_runtime import load_recognizer
 from utils import (UserError, autocast_dtype, config_from_cli, normalize_text, resolve_device, run_main,
                    set_torch_threads, to_plain, use_fixed_size_kernels)
 
@@ -71,7 +71,7 @@ def lm_file(cfg, checkpoint) -> Path:
 
 def build_lm(cfg, charset, path: Path):
     """Estimate the character LM from data.path/train transcriptions (+ decode.lm_text) and save it."""
-    from decoding import CharNgramLM
+    from htr.decoding import CharNgramLM
     entries, _ = read_gt(Path(cfg.data.path) / "train")
     if cfg.decode.lm_text and not Path(cfg.decode.lm_text).is_file():
         raise UserError(f"decode.lm_text {cfg.decode.lm_text} not found")
@@ -104,7 +104,7 @@ def lm_text_overlap(text_file, held_out: dict) -> dict:
 
 
 def load_lm(cfg, charset, checkpoint):
-    from decoding import CharNgramLM
+    from htr.decoding import CharNgramLM
     path = lm_file(cfg, checkpoint)
     if cfg.decode.build_lm:
         return build_lm(cfg, charset, path)
@@ -121,7 +121,7 @@ def load_lm(cfg, charset, checkpoint):
 
 def tune(cfg, charset, lm, val: dict) -> dict:
     """Grid-search lm_weight / lm_bonus on the val split; returns the best and the grid."""
-    from decoding import tune_lm_weights
+    from htr.decoding import tune_lm_weights
     w, b, table = tune_lm_weights(val["log_probs"], val["refs"], charset, lm, TUNE_WEIGHTS, TUNE_BONUSES,
                                   cfg.decode, cfg.decode.workers)
     for row in table:
@@ -133,7 +133,7 @@ def tune(cfg, charset, lm, val: dict) -> dict:
 
 def beam_decode(cfg, model, charset, out: dict, checkpoint) -> dict:
     """Adds out['beam'] (1-best of the beam search; out['llm'] after LLM rescoring) and returns the settings."""
-    from decoding import decode_batch
+    from htr.decoding import decode_batch
     lm = load_lm(cfg, charset, checkpoint)
     settings = {k: cfg.decode[k] for k in ("beam", "lm_weight", "lm_bonus", "prune_topk", "prune_threshold",
                                            "blank_skip", "beam_threshold")}
@@ -150,7 +150,7 @@ def beam_decode(cfg, model, charset, out: dict, checkpoint) -> dict:
     nbest = nbest_of(out["log_probs"])
     out["beam"] = [n[0][0] if n else "" for n in nbest]
     if cfg.decode.llm_rescore:
-        from rescore import llm_rescore
+        from htr.rescore import llm_rescore
         k = cfg.decode.nbest
         out["llm"], settings["llm_rescore"] = llm_rescore(
             cfg, [n[:k] for n in nbest], [n[:k] for n in nbest_of(val["log_probs"])], val["refs"],

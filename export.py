@@ -27,12 +27,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dataset import LineDataset
 from evaluate import lm_file
-from decoding import CharNgramLM, greedy_decode
-from inference import line_log_probs, load_model
-from metrics import corpus_cer
-from model_folder import CARD, CHARSET, CONFIG, LM, WEIGHTS, save_model_folder
+from htr.decoding import CharNgramLM, greedy_decode
+from htr.inference import line_log_probs, load_model
+from htr.metrics import corpus_cer
+from htr.model_folder import CARD, CHARSET, CONFIG, LM, WEIGHTS, save_model_folder
 from models import HTRNet, parameter_report
-from onnx_runtime import OnnxRecognizer, metadata
+from htr.onnx_runtime import OnnxRecognizer, metadata
 from utils import Charset, UserError, config_from_cli, run_main, to_plain
 
 log = logging.getLogger("htr")

@@ -2,7 +2,7 @@
 
 Shapes follow the default config: a (B, 1, 128, 1024) line image becomes (B, 256, 1, 128) features, i.e. 128
 frames, and the head returns CTC logits (T=128, B, K) with class 0 the CTC blank, plus the frame features that
-LLM-assisted training can tap (llm_assist.py): the backbone output, the first and the last recurrent layer's.
+LLM-assisted training can tap (htr/llm_assist.py): the backbone output, the first and the last recurrent layer's.
 """
 from typing import NamedTuple, Optional
 

@@ -47,7 +47,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pagexml import Line, Page, PageXmlError, read_page
+from htr.pagexml import Line, Page, PageXmlError, read_page
 from utils import UserError, normalize_text, run_main
 
 SPLITS = ("train", "val", "test")

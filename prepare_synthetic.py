@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from synth_glyphs import (DIGITS, HERSHEY_THIN, TTF_WEIGHTS, after_gaps, fetch_all, hershey_word, licences, mnist,
+from htr.synth_glyphs import (DIGITS, HERSHEY_THIN, TTF_WEIGHTS, after_gaps, fetch_all, hershey_word, licences, mnist,
                           mnist_word, place, shakespeare, ttf_word)
 
 HAND = {  # how hands vary from line to line (see sample_style, render_line, sample_text)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dataset import EpochBatchSampler, LineDataset, line_loader
-from llm_assist import LLMLoadError, build_llm_assist
+from htr.llm_assist import LLMLoadError, build_llm_assist
 from models import HTRNet, ctc_loss
 from utils import (Charset, UserError, autocast_dtype, check_compatible, load_checkpoint, load_config, resolve_device,
                    run_main)

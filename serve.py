@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from decoding import char_confidences, line_confidence
-from images import fit_warning, read_image, to_tensor
-from inference import line_log_probs
-from onnx_runtime import load_recognizer
-from pagexml import PageXmlError, read_page, set_line_text, write_page
+from htr.decoding import char_confidences, line_confidence
+from htr.images import fit_warning, read_image, to_tensor
+from htr.inference import line_log_probs
+from htr.onnx_runtime import load_recognizer
+from htr.pagexml import PageXmlError, read_page, set_line_text, write_page
 from prepare_pages import LineCutter, PageProblem, load_image
 from transcribe import model_input, word_confidences
 from utils import UserError, autocast_dtype, config_from_cli, resolve_device, run_main

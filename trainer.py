@@ -21,10 +21,10 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from dataset import STOP_SIGNALS, EpochBatchSampler, LineDataset, line_loader, worker_count
-from inference import predict
-from metrics import corpus_cer, error_counts, rates
+from htr.inference import predict
+from htr.metrics import corpus_cer, error_counts, rates
 from models import HTRNet, ctc_loss, output_frames, parameter_report
-from runlog import RunLog
+from htr.runlog import RunLog
 from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, config_from_cli,
                    load_checkpoint, make_optimizer, mixed_precision, remove_stale_temp_files, resolve_device, run_main,
                    save_checkpoint, set_torch_threads, to_plain, train_memory_format, use_fixed_size_kernels)
@@ -199,7 +199,7 @@ class Trainer:
                  len(self.charset.chars), len(self.charset.chars) - len(shared))
 
     def _llm(self):
-        from llm_assist import LLMLoadError, TapGradients, build_llm_assist
+        from htr.llm_assist import LLMLoadError, TapGradients, build_llm_assist
         try:
             width = self.model.tap_width(self.cfg.train.llm_tap)
             assist = build_llm_assist(self.cfg.llm, self.acc.device, feat_dim=width)

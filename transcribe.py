@@ -40,12 +40,12 @@ import torch
 from tqdm import tqdm
 
 from dataset import worker_count
-from decoding import char_confidences, decode_batch, line_confidence
+from htr.decoding import char_confidences, decode_batch, line_confidence
 from evaluate import check_decode_mode, lm_file, load_lm
-from images import canvas, dark_on_light, fit_warning, read_image
-from inference import line_log_probs
-from onnx_runtime import load_recognizer
-from pagexml import PageXmlError, read_page, set_line_text, write_page
+from htr.images import canvas, dark_on_light, fit_warning, read_image
+from htr.inference import line_log_probs
+from htr.onnx_runtime import load_recognizer
+from htr.pagexml import PageXmlError, read_page, set_line_text, write_page
 from prepare_pages import IMAGE_EXTS, ImageFinder, LineCutter, PageProblem, find_image, hidden, image_roots, load_image
 from utils import (UserError, atomic_write, autocast_dtype, config_from_cli, mixed_precision, resolve_device,
                    run_main, set_torch_threads, to_plain, use_fixed_size_kernels)

@@ -12,7 +12,7 @@ import pytest
 from ablate import bootstrap_ci, parse_arms
 from conftest import ROOT, tiny_setup
 from prepare_llm import write_tiny
-from runlog import read_rows
+from htr.runlog import read_rows
 from utils import UserError
 
 

@@ -10,7 +10,7 @@ import torch
 import dataset
 from conftest import render_line, write_split
 from dataset import Collate, LineDataset
-from images import pad_center, preprocess
+from htr.images import pad_center, preprocess
 from utils import Charset, UserError
 
 

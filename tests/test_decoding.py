@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from decoding import (BOS, EOS, CharNgramLM, beam_search, char_confidences, decode_batch, greedy_decode,
+from htr.decoding import (BOS, EOS, CharNgramLM, beam_search, char_confidences, decode_batch, greedy_decode,
                       line_confidence, tune_lm_weights)
 
 CHARSET = " abcdefghijklmnopqrstuvwxyz.,'"

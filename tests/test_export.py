@@ -11,10 +11,10 @@ import torch
 import conftest
 import export
 from conftest import ROOT
-from decoding import greedy_decode
-from onnx_runtime import OnnxRecognizer, load_recognizer
+from htr.decoding import greedy_decode
+from htr.onnx_runtime import OnnxRecognizer, load_recognizer
 from trainer import Trainer
-from inference import line_log_probs, load_model
+from htr.inference import line_log_probs, load_model
 from utils import UserError, load_config
 
 CONFIG = ROOT / "config.yaml"

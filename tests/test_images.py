@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import INK, PAPER, ROOT, TINY, WORDS, coverage, in_colour, render_line
-from images import fit_warning, pad_center, preprocess, read_image, to_tensor
+from htr.images import fit_warning, pad_center, preprocess, read_image, to_tensor
 
 
 def on_white(grey: np.ndarray) -> np.ndarray:
@@ -103,7 +103,7 @@ def one_thread():
 def reader(tmp_path_factory):
     """A tiny recognizer trained (in a few seconds) until it reads the training words, on grey and on white paper;
     (overrides, checkpoint)."""
-    from decoding import greedy_decode
+    from htr.decoding import greedy_decode
     from models import HTRNet, ctc_loss
     from utils import Charset, load_config, save_checkpoint, to_plain
     cfg = load_config(ROOT / "config.yaml", TINY)

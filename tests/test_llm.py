@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from llm_assist import IGNORE, LLMAssist, LLMLoadError, QFormerConnector, build_llm_assist, build_lm_batch
+from htr.llm_assist import IGNORE, LLMAssist, LLMLoadError, QFormerConnector, build_llm_assist, build_lm_batch
 from prepare_llm import write_tiny
 
 TEXTS = ["A MOVE to stop Mr. Gaitskell", "is to be made"]
@@ -229,7 +229,7 @@ def test_connector_learns_to_read_the_line_not_just_the_set(model_dirs):
     """Lines of the same characters in another order: the connector must tell them apart by where each character
     is. L_LLM has to fall below the shuffled-prefix loss (another line's prefix), not only below text-only, and the
     frozen LM's greedy reading from the prefix alone has to improve on that of the untrained connector."""
-    from metrics import corpus_cer
+    from htr.metrics import corpus_cer
     torch.manual_seed(0)
     feats = one_hot_frames(ANAGRAMS)
     assist = make_assist(model_dirs / "tiny-llama", feats.shape[2], frame_positions=True, prefix_norm=True)
@@ -315,7 +315,7 @@ def test_connector_for_another_lm_width_is_one_clear_error(model_dirs):
 def test_tap_gradients_split_ctc_from_llm_and_balance_them():
     """At the tap: the CTC part (every row) and the LLM part (the sampled rows) are told apart; with a ratio the
     LLM part reaching the recognizer is rescaled to ratio x the CTC part's norm, whatever its own scale."""
-    from llm_assist import TapGradients
+    from htr.llm_assist import TapGradients
     w_ctc, w_llm = torch.randn(4, 3, 5), torch.randn(2, 3, 5) * 1e4                   # L_LLM 4 orders larger
     idx = torch.tensor([1, 3])
     for ratio in (0.0, 0.3):

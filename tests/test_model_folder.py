@@ -15,8 +15,8 @@ import conftest
 import evaluate
 import export
 from conftest import ROOT
-from inference import line_log_probs, load_model
-from model_folder import CHARSET, CONFIG, LM, WEIGHTS, read_charset, write_charset
+from htr.inference import line_log_probs, load_model
+from htr.model_folder import CHARSET, CONFIG, LM, WEIGHTS, read_charset, write_charset
 from trainer import Trainer
 from utils import UserError, load_checkpoint, load_config
 

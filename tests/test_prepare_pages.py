@@ -11,7 +11,7 @@ import pytest
 
 import prepare_pages as pp
 from dataset import LineDataset
-from pagexml import read_page
+from htr.pagexml import read_page
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llm_assist import LLMLoadError
+from htr.llm_assist import LLMLoadError
 from prepare_llm import write_tiny
-from rescore import LLMRescorer, llm_rescore, rescore_nbest, tune_beta
+from htr.rescore import LLMRescorer, llm_rescore, rescore_nbest, tune_beta
 from utils import UserError
 
 TEXTS = ["the quick brown fox", "is to be made at a meeting of Labour M Ps tomorrow."]

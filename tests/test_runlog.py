@@ -5,7 +5,7 @@ import cv2
 
 import trainer
 from conftest import ROOT
-from runlog import read_rows
+from htr.runlog import read_rows
 from utils import load_checkpoint, load_config
 
 

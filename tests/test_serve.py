@@ -15,10 +15,10 @@ import torch
 
 import conftest
 from conftest import PAPER, ROOT, render_line
-from decoding import char_confidences
-from images import load_for_inference
-from inference import line_log_probs
-from pagexml import read_page
+from htr.decoding import char_confidences
+from htr.images import load_for_inference
+from htr.inference import line_log_probs
+from htr.pagexml import read_page
 from trainer import Trainer
 from utils import load_checkpoint, load_config
 

@@ -15,10 +15,10 @@ import torch
 import prepare_pages
 import transcribe
 from conftest import INK, PAPER, ROOT, TINY, WORDS, render_line
-from decoding import greedy_decode, line_confidence
-from images import load_for_inference
-from inference import line_log_probs, load_model
-from pagexml import local_name, read_page, set_line_text, write_page
+from htr.decoding import greedy_decode, line_confidence
+from htr.images import load_for_inference
+from htr.inference import line_log_probs, load_model
+from htr.pagexml import local_name, read_page, set_line_text, write_page
 from test_prepare_pages import H, NS, W, alto_xml, base, box, equiv, page_xml
 from trainer import Trainer
 from utils import UserError, load_config

@@ -4,7 +4,7 @@ import torch
 
 from conftest import ROOT
 import utils
-from metrics import error_rates
+from htr.metrics import error_rates
 from utils import (Charset, UserError, atomic_write, autocast_dtype, load_config, mixed_precision, resolve_device,
                    split_cli, train_memory_format)
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm_assist import IGNORE, FrozenCausalLM, LLMLoadError, build_lm_batch, llm_dtype
-from metrics import corpus_cer
+from htr.llm_assist import IGNORE, FrozenCausalLM, LLMLoadError, build_lm_batch, llm_dtype
+from htr.metrics import corpus_cer
 from utils import UserError
 
 log = logging.getLogger("htr")

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from metrics import corpus_cer
+from htr.metrics import corpus_cer
 
 log = logging.getLogger(__name__)
 

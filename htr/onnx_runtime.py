@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from inference import load_model
+from htr.inference import load_model
 from utils import Charset, UserError
 
 KEYS = ("htr.charset", "htr.image_height", "htr.image_width")

@@ -5,8 +5,8 @@ import logging
 import torch
 from omegaconf import open_dict
 
-from decoding import greedy_decode, line_confidence
-from model_folder import CHARSET, WEIGHTS, model_folder, read_model_folder
+from htr.decoding import greedy_decode, line_confidence
+from htr.model_folder import CHARSET, WEIGHTS, model_folder, read_model_folder
 from models import HTRNet, fuse_conv_bn
 from utils import Charset, UserError, check_compatible, load_checkpoint, to_plain
 
