@@ -54,7 +54,7 @@ class MobileViTBlock(nn.Module):
 
     def attend(self, y):
         """The transformer across patches. Training on the CPU runs it in fp32 even under bf16 autocast: PyTorch's
-        CPU flash-attention backward is ~6x slower in bf16 than in fp32 here (torch 2.13; README, Benchmarks)."""
+        CPU flash-attention backward is ~6x slower in bf16 than in fp32 here (torch 2.13; docs/benchmarks.md)."""
         if self.training and y.is_cpu and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
                 return self.transformer(y.float())

@@ -1,14 +1,18 @@
 """The recognizer at inference: a checkpoint, model folder or Hub model loaded for evaluation, CTC log-probs of a
-batch, greedy predictions."""
+batch, greedy predictions, and image files transcribed one by one (demo.py) with their gt.txt ground truth."""
 import logging
+from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import open_dict
 
 from htr.decoding import greedy_decode, line_confidence
+from htr.images import load_for_inference
 from htr.model_folder import CHARSET, WEIGHTS, model_folder, read_model_folder
 from models import HTRNet, fuse_conv_bn
-from utils import Charset, UserError, check_compatible, load_checkpoint, to_plain
+from utils import (Charset, UserError, autocast_dtype, check_compatible, load_checkpoint, resolve_device,
+                   to_plain)
 
 log = logging.getLogger("htr")
 
@@ -83,3 +87,34 @@ def predict(model, loader, charset: Charset, channels_last: bool = False, autoca
     out["hyps"] = [greedy_decode(lp, charset) for lp in out["log_probs"]]
     out["confidences"] = [line_confidence(lp) for lp in out["log_probs"]]
     return out
+
+
+def ground_truth(image: Path):
+    """The transcription of `image` in a gt.txt beside it, if there is one."""
+    gt = image.parent / "gt.txt"
+    if not gt.is_file():
+        return None
+    for line in gt.read_text(encoding="utf-8", errors="replace").splitlines():
+        line_id, _, text = line.partition(" ")
+        if line_id == image.stem:
+            return text.strip()
+    return None
+
+
+def transcribe(model, charset, paths, cfg) -> list:
+    """[(greedy transcription, confidence)] of each image file, preprocessed as cfg.preproc says."""
+    dtype = autocast_dtype(cfg.eval.mixed_precision, resolve_device(cfg.device))
+    results = []
+    for path in paths:
+        try:
+            x = load_for_inference(path, cfg.preproc.image_height, cfg.preproc.image_width)
+        except ValueError as e:
+            raise UserError(f"{path}: {e} (expected an image file OpenCV can read: png, jpg, tif, ...)") from None
+        log_probs = line_log_probs(model, x.unsqueeze(0), True, dtype)[0]  # (T, K)
+        results.append((greedy_decode(log_probs, charset), line_confidence(log_probs)))
+    return results
+
+
+def max_diff(model, other, images: torch.Tensor) -> float:
+    """Max abs log-prob difference between two recognizers (HTRNet or OnnxRecognizer) on the same images."""
+    return float(max(np.abs(a - b).max() for a, b in zip(line_log_probs(model, images), line_log_probs(other, images))))

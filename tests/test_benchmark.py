@@ -8,7 +8,7 @@ import pytest
 
 import benchmark
 from conftest import ROOT, TINY, tiny_setup
-from prepare_llm import write_tiny
+from htr.llm_weights import write_tiny
 from utils import UserError
 
 

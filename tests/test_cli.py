@@ -10,7 +10,7 @@ import cv2
 import pytest
 
 from conftest import ROOT, in_colour, tiny_setup
-from evaluate import data_name
+from htr.evaluation import data_name
 from utils import UserError
 
 
@@ -164,7 +164,7 @@ def test_evaluate_bad_lm_file_is_clear(trained, tmp_path):
 
 
 def test_evaluate_llm_rescoring_reports_three_decodings(trained, tmp_path, capsys):
-    from prepare_llm import write_tiny
+    from htr.llm_weights import write_tiny
     overrides, best, root = trained
     write_tiny("tiny-llama", tmp_path / "tiny-llama")
     out = evaluate_in_process(capsys, *overrides, f"resume={best}", "decode.mode=beam", "decode.build_lm=true",

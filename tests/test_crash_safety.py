@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer
+from htr import training
 from conftest import ROOT, tiny_setup
 from utils import RESUME_KEYS, UserError, load_checkpoint, load_config, save_checkpoint
 
@@ -63,7 +63,7 @@ def resume_and_finish(overrides, run_dir: Path, epochs: int) -> dict:
     cleaned up and its metrics complete. Returns the final checkpoint."""
     last = run_dir / "last.pt"
     cfg = load_config(ROOT / "config.yaml", overrides + [f"train.num_epochs={epochs}", f"resume={last}"])
-    trainer.Trainer(cfg, (load_checkpoint(last), last)).fit()
+    training.Trainer(cfg, (load_checkpoint(last), last)).fit()
     assert not list(run_dir.glob(".*.tmp*")), "temp files left behind"
     assert metrics_epochs(run_dir) == list(range(1, epochs + 1))
     return load_checkpoint(run_dir / "last.pt", RESUME_KEYS)
@@ -87,7 +87,7 @@ def test_sigterm_mid_epoch_writes_last_pt_workers_exit_and_the_run_resumes(tmp_p
 
 
 def test_a_second_signal_exits_at_once(tiny_overrides):
-    t = trainer.Trainer(load_config(ROOT / "config.yaml", tiny_overrides))
+    t = training.Trainer(load_config(ROOT / "config.yaml", tiny_overrides))
     t._on_signal(signal.SIGINT, None)
     assert t.stop_signal == signal.SIGINT
     with pytest.raises(SystemExit) as info:
@@ -111,7 +111,7 @@ def test_kill_9_mid_epoch_leaves_no_workers_and_a_resumable_run(tmp_path):
 
 DIE_WHILE_WRITING = """
     import csv, os, signal, sys, torch
-    import trainer
+    from htr import training
     from utils import load_config
 
     calls, save, writerows = [0], torch.save, csv.DictWriter.writerows
@@ -131,7 +131,7 @@ DIE_WHILE_WRITING = """
         torch.save = dying(save)
     else:                                           # the header is written; the rows never are
         csv.DictWriter.writerows = dying(writerows)
-    trainer.Trainer(load_config(sys.argv[1], sys.argv[2:])).fit()
+    training.Trainer(load_config(sys.argv[1], sys.argv[2:])).fit()
 """
 
 
@@ -178,7 +178,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_disk_full_during_training_stops_with_one_message(tiny_overrides, tmp_path, monkeypatch):
-    t = trainer.Trainer(load_config(ROOT / "config.yaml", tiny_overrides + ["train.num_epochs=3"]))
+    t = training.Trainer(load_config(ROOT / "config.yaml", tiny_overrides + ["train.num_epochs=3"]))
     disk_full_after(2, monkeypatch)                                        # epoch 1: best.pt, last.pt
     with pytest.raises(UserError, match="No space left on device"):
         t.fit()
@@ -188,7 +188,7 @@ def test_disk_full_during_training_stops_with_one_message(tiny_overrides, tmp_pa
 
 
 def test_truncated_and_key_missing_checkpoints_are_one_message(tiny_overrides, tmp_path):
-    t = trainer.Trainer(load_config(ROOT / "config.yaml", tiny_overrides + ["train.num_epochs=1"]))
+    t = training.Trainer(load_config(ROOT / "config.yaml", tiny_overrides + ["train.num_epochs=1"]))
     last = t.fit()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
@@ -202,7 +202,7 @@ def test_truncated_and_key_missing_checkpoints_are_one_message(tiny_overrides, t
     torch.save({k: v for k, v in load_checkpoint(last).items() if k in ("model", "charset", "arch", "preproc")},
                weights_only)
     with pytest.raises(UserError, match="lacks optimizer, scheduler.*start a new run from it with train.init_from"):
-        trainer.Trainer(load_config(ROOT / "config.yaml", tiny_overrides + [f"resume={weights_only}"]),
+        training.Trainer(load_config(ROOT / "config.yaml", tiny_overrides + [f"resume={weights_only}"]),
                         (load_checkpoint(weights_only), weights_only))
     proc = subprocess.run([sys.executable, "evaluate.py", "config.yaml", *tiny_overrides, f"resume={truncated}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, WORDS, tiny_setup, write_split
-from evaluate import evaluate
+from htr.evaluation import evaluate
 from utils import load_checkpoint, load_config
 
 

@@ -10,10 +10,11 @@ import torch
 
 import conftest
 import export
+from htr import onnx_export
 from conftest import ROOT
 from htr.decoding import greedy_decode
 from htr.onnx_runtime import OnnxRecognizer, load_recognizer
-from trainer import Trainer
+from htr.training import Trainer
 from htr.inference import line_log_probs, load_model
 from utils import UserError, load_config
 
@@ -36,7 +37,7 @@ def exported(tmp_path_factory):
 
 def test_onnx_matches_pytorch_on_batch_sizes_1_and_3(exported):
     _, model, _, path = exported
-    assert export.parity(model, OnnxRecognizer(path), batch_sizes=(1, 3)) < 1e-4
+    assert onnx_export.parity(model, OnnxRecognizer(path), batch_sizes=(1, 3)) < 1e-4
 
 
 def test_recognizer_has_the_line_log_probs_contract(exported):
@@ -105,7 +106,7 @@ def test_int8_calibration_on_a_missing_split_is_a_clear_error(exported):
     overrides, _, _, _ = exported
     cfg = load_config(CONFIG, overrides + ["export.calib_split=nosuch"])
     with pytest.raises(UserError, match="nosuch"):
-        export.calibration_feeds(cfg)
+        onnx_export.calibration_feeds(cfg)
 
 
 def test_corrupt_or_foreign_onnx_is_a_clear_error(exported, tmp_path):
@@ -143,14 +144,14 @@ def test_load_recognizer_picks_the_runtime_and_checks_sizes(exported):
 
 
 def test_evaluate_and_demo_run_on_onnx_like_on_torch(exported):
-    import demo
-    import evaluate
+    from htr.inference import transcribe
+    from htr import evaluation
     overrides, _, _, path = exported
     root = Path(load_config(CONFIG, overrides).data.path)
-    torch_report = evaluate.evaluate(load_config(CONFIG, overrides + ["eval.split=val"]), overrides[-1][7:])
+    torch_report = evaluation.evaluate(load_config(CONFIG, overrides + ["eval.split=val"]), overrides[-1][7:])
     onnx_cfg = load_config(CONFIG, overrides + ["eval.split=val", "runtime=onnx", f"resume={path}"])
-    onnx_report = evaluate.evaluate(onnx_cfg, path)
+    onnx_report = evaluation.evaluate(onnx_cfg, path)
     assert onnx_report["greedy"] == torch_report["greedy"]
     model, charset = load_recognizer(onnx_cfg, path, "onnx")
-    texts = demo.transcribe(model, charset, [root / "val" / "val-000.png"], onnx_cfg)
+    texts = transcribe(model, charset, [root / "val" / "val-000.png"], onnx_cfg)
     assert isinstance(texts[0][0], str) and 0.0 <= texts[0][1] <= 1.0

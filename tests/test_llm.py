@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from htr.llm_assist import IGNORE, LLMAssist, LLMLoadError, QFormerConnector, build_llm_assist, build_lm_batch
-from prepare_llm import write_tiny
+from htr.llm_weights import write_tiny
 
 TEXTS = ["A MOVE to stop Mr. Gaitskell", "is to be made"]
 Q, T, D = 8, 16, 512  # small query / frame counts keep the tests fast; widths are the real ones
@@ -334,7 +334,7 @@ def test_tap_gradients_split_ctc_from_llm_and_balance_them():
 def test_llama3b_shaped_config_has_3b_parameters():
     import torch
     from transformers import AutoModelForCausalLM
-    from prepare_llm import llama3b_config
+    from htr.llm_weights import llama3b_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(llama3b_config(1, 2), dtype=torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())

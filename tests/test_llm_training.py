@@ -4,9 +4,9 @@ import sys
 import pytest
 import torch
 
-import trainer
+from htr import training
 from conftest import ROOT, WORDS
-from prepare_llm import write_tiny
+from htr.llm_weights import write_tiny
 from utils import UserError, load_checkpoint, load_config
 
 
@@ -19,7 +19,7 @@ def tiny_llama(tmp_path_factory):
 
 def make(overrides, resume=None):
     cfg = load_config(ROOT / "config.yaml", overrides)
-    return trainer.Trainer(cfg, (load_checkpoint(resume), resume) if resume else None)
+    return training.Trainer(cfg, (load_checkpoint(resume), resume) if resume else None)
 
 
 def test_llm_loss_is_logged_and_only_the_connector_is_saved(tiny_overrides, tiny_llama):
@@ -48,7 +48,7 @@ def test_quick_llm_preset_trains_with_its_compiled_llm(tiny_overrides, tiny_llam
                                                                         f"llm.name={tiny_llama}", "llm.num_queries=8",
                                                                         "train.num_epochs=2"])
     assert cfg.llm.compile and cfg.train.use_llm and cfg.train.num_workers > 0
-    t = trainer.Trainer(cfg)
+    t = training.Trainer(cfg)
     t.fit()
     losses = [row["train_llm"] for row in t.runlog.rows]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses), losses

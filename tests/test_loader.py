@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dataset
-import trainer
+from htr import training
 from conftest import ROOT, WORDS, tiny_setup, write_split
 from dataset import EpochBatchSampler, LineDataset, line_loader, worker_count
 from utils import Charset, UserError, load_config
@@ -90,7 +90,7 @@ def test_a_stalled_worker_is_an_error_naming_its_lines(tiny_overrides, monkeypat
     monkeypatch.setattr(LineDataset, "__getitem__", stall_in_worker)
     cfg = load_config(ROOT / "config.yaml", tiny_overrides + ["train.num_workers=1", "data.loader_timeout=3",
                                                               "train.batch_size=8"])
-    t = trainer.Trainer(cfg)
+    t = training.Trainer(cfg)
     with pytest.raises(UserError, match=r"no batch from the data loader workers in 3 s \(epoch 1, step 1, "
                                         r"lines .*train-003"):
         t.fit()
@@ -109,7 +109,7 @@ def test_the_trainer_skips_lines_longer_than_its_frames(tmp_path, caplog):
     root, overrides = tiny_setup(tmp_path)
     write_split(root, "train", WORDS[:7] + ["ab" * 20])                 # 40 characters, 32 frames at width 256
     with caplog.at_level("WARNING", logger="htr"):
-        t = trainer.Trainer(load_config(ROOT / "config.yaml", overrides))
+        t = training.Trainer(load_config(ROOT / "config.yaml", overrides))
     assert len(t.train_set) == 7 and "train-007" in caplog.text and "outputs 32" in caplog.text
 
 

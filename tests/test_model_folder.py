@@ -12,12 +12,12 @@ import torch
 from huggingface_hub import ModelCard, constants
 
 import conftest
-import evaluate
+from htr import evaluation
 import export
 from conftest import ROOT
 from htr.inference import line_log_probs, load_model
 from htr.model_folder import CHARSET, CONFIG, LM, WEIGHTS, read_charset, write_charset
-from trainer import Trainer
+from htr.training import Trainer
 from utils import UserError, load_checkpoint, load_config
 
 CONFIG_YAML = ROOT / "config.yaml"
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
     Trainer(load_config(CONFIG_YAML, overrides)).fit()
     best = tmp / "runs" / "folder" / "best.pt"
     overrides.append(f"resume={best}")
-    evaluate.evaluate(load_config(CONFIG_YAML, overrides + ["decode.mode=beam", "decode.build_lm=true"]), best)
+    evaluation.evaluate(load_config(CONFIG_YAML, overrides + ["decode.mode=beam", "decode.build_lm=true"]), best)
     folder = tmp / "model"
     export.main([str(CONFIG_YAML), *overrides, "export.format=folder", "export.license=mit", str(folder)])
     return overrides, best, folder, root
@@ -115,7 +115,7 @@ def test_hub_id_loads_from_the_cache_offline(run, tmp_path, monkeypatch):
     ours, _ = log_probs(load_config(CONFIG_YAML, STOCK), "htr-test/tiny")
     ref, _ = log_probs(load_config(CONFIG_YAML, overrides), best)
     assert all(np.array_equal(a, b) for a, b in zip(ours, ref))
-    from evaluate import evaluate
+    from htr.evaluation import evaluate
     monkeypatch.chdir(tmp_path)                                          # reports of a Hub model: ./owner--name/
     data = [o for o in overrides if o.startswith("data.path=")]
     report = evaluate(load_config(CONFIG_YAML, STOCK + data), "htr-test/tiny")
@@ -160,7 +160,7 @@ def test_model_card_has_front_matter_metrics_and_usage(run):
 
 def test_evaluate_takes_a_folder_and_its_lm(run):
     _, best, folder, root = run
-    report = evaluate.evaluate(load_config(CONFIG_YAML, STOCK + [f"data.path={root}", "decode.mode=beam"]), folder)
+    report = evaluation.evaluate(load_config(CONFIG_YAML, STOCK + [f"data.path={root}", "decode.mode=beam"]), folder)
     ref = json.loads(next(best.parent.glob("eval_*.json")).read_text())
     assert report["greedy"] == ref["greedy"] and report["beam_settings"]["lm"] == str(folder / LM)
 

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-import prepare_pages as pp
+import prepare_pages
+from htr import page_lines as pp
 from dataset import LineDataset
 from htr.pagexml import read_page
 from utils import UserError
@@ -131,7 +132,7 @@ def write_splits(root: Path) -> Path:
 
 
 def run(xml_dir: Path, out: Path, *extra) -> dict:
-    pp.main([str(xml_dir), str(out), "--workers", "1", *map(str, extra)])
+    prepare_pages.main([str(xml_dir), str(out), "--workers", "1", *map(str, extra)])
     return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
@@ -284,12 +285,12 @@ def test_bad_usage_is_a_user_error(tmp_path):
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "train.txt").write_text("x\n")
     with pytest.raises(UserError, match="XML folder not found"):
-        pp.main([str(tmp_path / "missing"), str(tmp_path / "out")])
+        prepare_pages.main([str(tmp_path / "missing"), str(tmp_path / "out")])
     with pytest.raises(UserError, match="no \\*.xml files"):
-        pp.main([str(tmp_path / "empty"), str(tmp_path / "out")])
+        prepare_pages.main([str(tmp_path / "empty"), str(tmp_path / "out")])
     write_plain_pages(tmp_path / "plain", 1)
     with pytest.raises(UserError, match="lacks val.txt, test.txt"):
-        pp.main([str(tmp_path / "plain"), str(tmp_path / "out"), "--splits", str(tmp_path / "lists")])
+        prepare_pages.main([str(tmp_path / "plain"), str(tmp_path / "out"), "--splits", str(tmp_path / "lists")])
 
 
 def test_cli_round_trip(tmp_path):

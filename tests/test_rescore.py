@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from htr.llm_assist import LLMLoadError
-from prepare_llm import write_tiny
+from htr.llm_weights import write_tiny
 from htr.rescore import LLMRescorer, llm_rescore, rescore_nbest, tune_beta
 from utils import UserError
 

@@ -3,7 +3,7 @@ import csv
 
 import cv2
 
-import trainer
+from htr import training
 from conftest import ROOT
 from htr.runlog import read_rows
 from utils import load_checkpoint, load_config
@@ -11,7 +11,7 @@ from utils import load_checkpoint, load_config
 
 def run(overrides, resume=None):
     cfg = load_config(ROOT / "config.yaml", overrides + ([f"resume={resume}"] if resume else []))
-    t = trainer.Trainer(cfg, (load_checkpoint(resume), resume) if resume else None)
+    t = training.Trainer(cfg, (load_checkpoint(resume), resume) if resume else None)
     return t, t.fit()
 
 

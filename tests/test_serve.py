@@ -19,10 +19,10 @@ from htr.decoding import char_confidences
 from htr.images import load_for_inference
 from htr.inference import line_log_probs
 from htr.pagexml import read_page
-from trainer import Trainer
+from htr.training import Trainer
 from utils import load_checkpoint, load_config
 
-import serve
+from htr import web_app
 
 CONFIG = ROOT / "config.yaml"
 CHROMIUM = "/usr/bin/chromium"
@@ -81,7 +81,7 @@ def write_page(tmp: Path, texts: list, dialect: str = "page") -> tuple:
 def expected_reading(overrides: list, image: Path) -> tuple:
     """(text, number of characters under the threshold) as the model reads `image` in this process."""
     cfg = load_config(CONFIG, overrides)
-    recognizer = serve.Recognizer(cfg)
+    recognizer = web_app.Recognizer(cfg)
     x = load_for_inference(image, cfg.preproc.image_height, cfg.preproc.image_width)
     chars = char_confidences(line_log_probs(recognizer.model, x[None], True, recognizer.dtype)[0], recognizer.charset)
     return "".join(c for c, _ in chars), sum(conf < cfg.serve.low_confidence for _, conf in chars)
@@ -91,10 +91,10 @@ def expected_reading(overrides: list, image: Path) -> tuple:
 def test_recognised_text_is_written_into_the_xml(model, tmp_path, dialect):
     overrides, _ = model
     image, xml = write_page(tmp_path, ["ab", "cab", "dab"], dialect)
-    doc, results = serve.page_readings(serve.Recognizer(load_config(CONFIG, overrides)), image, xml, {})
+    doc, results = web_app.page_readings(web_app.Recognizer(load_config(CONFIG, overrides)), image, xml, {})
     assert len(results) == 3 and all(r is not None for _, r in results)
     out = tmp_path / "out.xml"
-    out.write_bytes(serve.write_text(doc, results))
+    out.write_bytes(web_app.write_text(doc, results))
     assert [line.text for line in read_page(out).lines] == [" ".join(r.text.split()) for _, r in results]
     assert ET.parse(out).getroot().tag.startswith("{" + (PAGE_NS if dialect == "page" else ALTO_NS))
 
@@ -104,8 +104,8 @@ def test_bad_xml_is_refused_naming_the_upload(model, tmp_path):
     image, _ = write_page(tmp_path, ["ab"])
     bad = tmp_path / "page.xml"
     bad.write_text("<PcGts><Page", encoding="utf-8")
-    with pytest.raises(serve.Refused, match="^mine.xml: malformed XML"):
-        serve.page_readings(serve.Recognizer(load_config(CONFIG, overrides)), image, bad, {bad: "mine.xml"})
+    with pytest.raises(web_app.Refused, match="^mine.xml: malformed XML"):
+        web_app.page_readings(web_app.Recognizer(load_config(CONFIG, overrides)), image, bad, {bad: "mine.xml"})
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +214,8 @@ def test_base64_download_link_is_the_xml(model, tmp_path):
     overrides, _ = model
     image, xml = write_page(tmp_path, ["ab"])
     cfg = load_config(CONFIG, overrides)
-    doc, results = serve.page_readings(serve.Recognizer(cfg), image, xml, {})
-    written = serve.write_text(doc, results)
-    html = serve.Pages(cfg, "m").page("page.png", "page.xml", results, written)
+    doc, results = web_app.page_readings(web_app.Recognizer(cfg), image, xml, {})
+    written = web_app.write_text(doc, results)
+    html = web_app.Pages(cfg, "m").page("page.png", "page.xml", results, written)
     href = html.split('href="data:application/xml;base64,', 1)[1].split('"', 1)[0]
     assert base64.b64decode(href) == written

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from prepare_synthetic import FONTS, HAND, PLAYS, SPLITS, neighbours, sample_text, split_speeches  # noqa: E402
+from htr.synthetic import FONTS, HAND, PLAYS, SPLITS, neighbours, sample_text, split_speeches  # noqa: E402
 from htr.synth_glyphs import CHARSET, glyph_shapes, parse_play, shakespeare, shear_glyph, to_charset  # noqa: E402
 
 N_LINES = 80

@@ -4,9 +4,9 @@ import signal
 import pytest
 import torch
 
-import trainer
+from htr import training
 from conftest import ROOT, write_split
-from evaluate import evaluate
+from htr.evaluation import evaluate
 from utils import UserError, load_checkpoint, load_config
 
 CONFIG = ROOT / "config.yaml"
@@ -15,7 +15,7 @@ CONFIG = ROOT / "config.yaml"
 def train(overrides, resume=None):
     cfg = load_config(CONFIG, overrides)
     ckpt = (load_checkpoint(resume), resume) if resume else None
-    t = trainer.Trainer(cfg, ckpt)
+    t = training.Trainer(cfg, ckpt)
     return t, t.fit()
 
 
@@ -65,7 +65,7 @@ def test_checkpoint_is_plain_data_and_has_run_files(tiny_overrides):
 def test_signal_writes_an_emergency_checkpoint_that_resumes_mid_epoch(tiny_overrides, monkeypatch):
     base = tiny_overrides + ["train.num_epochs=2", "train.batch_size=2", "train.augment=true"]
     _, straight = train(base + ["model.run_name=straight"])
-    t = trainer.Trainer(load_config(CONFIG, base))
+    t = training.Trainer(load_config(CONFIG, base))
     loss = t.loss
 
     def loss_then_signal(*args):
@@ -122,7 +122,7 @@ def test_missing_data_path_is_clear(tiny_overrides, tmp_path):
 def test_charset_comes_from_the_training_split_only(tiny_overrides, tiny_data, caplog):
     write_split(tiny_data, "val", ["abz", "zz"])
     with caplog.at_level("WARNING", logger="htr"):
-        t = trainer.Trainer(load_config(CONFIG, tiny_overrides))
+        t = training.Trainer(load_config(CONFIG, tiny_overrides))
     assert t.charset.chars == "abcd"
     assert caplog.text.count("never occur in training") == 1 and "'z'" in caplog.text
     stats = t.validate()
@@ -131,7 +131,7 @@ def test_charset_comes_from_the_training_split_only(tiny_overrides, tiny_data, c
 
 def test_lr_schedule_counts_optimizer_steps(tiny_overrides):
     t, _ = train(tiny_overrides + ["train.num_epochs=1", "train.batch_size=1", "train.scheduler=mstep"])
-    lrs = [t.cfg.train.lr * trainer.lr_factor(s, 8, t.cfg.train) for s in range(8)]
+    lrs = [t.cfg.train.lr * training.lr_factor(s, 8, t.cfg.train) for s in range(8)]
     assert lrs == pytest.approx([3e-3] * 4 + [3e-4] * 2 + [3e-5] * 2)      # x0.1 at 50 % and 75 % of 8 steps
     assert t.runlog.rows[-1]["lr"] == pytest.approx(3e-5)
 
@@ -143,7 +143,7 @@ def test_init_from_copies_shared_characters_and_starts_new_ones_fresh(tiny_overr
     write_split(other, "val", ["ax"])
     overrides = tiny_overrides + [f"data.path={other}", f"train.init_from={first}", "model.run_name=ft",
                                   "train.num_epochs=1"]
-    t = trainer.Trainer(load_config(CONFIG, overrides))
+    t = training.Trainer(load_config(CONFIG, overrides))
     assert t.charset.chars == "abcdx"                                      # union: old a-d + new x
     old, new = load_checkpoint(first)["model"], t.model.state_dict()
     for key in ("head.fc.3.weight", "head.fc.3.bias", "head.shortcut.weight"):
@@ -152,7 +152,7 @@ def test_init_from_copies_shared_characters_and_starts_new_ones_fresh(tiny_overr
     assert torch.equal(new["backbone.features.0.weight"], old["backbone.features.0.weight"])
     assert t.step == 0 and t.optimizer.state_dict()["state"] == {}         # not its optimizer or schedule
     t.fit()
-    only_new = trainer.Trainer(load_config(CONFIG, overrides + ["train.init_resize=new", "model.run_name=ft2"]))
+    only_new = training.Trainer(load_config(CONFIG, overrides + ["train.init_resize=new", "model.run_name=ft2"]))
     assert only_new.charset.chars == "abx"
     assert torch.equal(only_new.model.state_dict()["head.fc.3.weight"][1:3], old["head.fc.3.weight"][1:3])
 
@@ -160,8 +160,8 @@ def test_init_from_copies_shared_characters_and_starts_new_ones_fresh(tiny_overr
 def test_init_from_another_architecture_names_what_differs(tiny_overrides):
     _, first = train(tiny_overrides + ["train.num_epochs=1"])
     with pytest.raises(UserError, match=r"another architecture: arch.rnn_hidden_size: checkpoint 32 vs config 16"):
-        trainer.Trainer(load_config(CONFIG, tiny_overrides + [f"train.init_from={first}", "arch.rnn_hidden_size=16",
+        training.Trainer(load_config(CONFIG, tiny_overrides + [f"train.init_from={first}", "arch.rnn_hidden_size=16",
                                                               "model.run_name=ft"]))
     with pytest.raises(UserError, match="init_from starts a new run .* resume= continues"):
-        trainer.Trainer(load_config(CONFIG, tiny_overrides + [f"train.init_from={first}", f"resume={first}"]),
+        training.Trainer(load_config(CONFIG, tiny_overrides + [f"train.init_from={first}", f"resume={first}"]),
                         (load_checkpoint(first), first))

@@ -20,7 +20,7 @@ from htr.images import load_for_inference
 from htr.inference import line_log_probs, load_model
 from htr.pagexml import local_name, read_page, set_line_text, write_page
 from test_prepare_pages import H, NS, W, alto_xml, base, box, equiv, page_xml
-from trainer import Trainer
+from htr.training import Trainer
 from utils import UserError, load_config
 
 CONFIG = ROOT / "config.yaml"

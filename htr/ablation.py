@@ -1,0 +1,190 @@
+"""The LLM ablation (what ablate.py runs): every arm x seed trained by trainer.py in a subprocess (resumable),
+evaluated line by line on eval.split, compared against llm_off with paired-bootstrap confidence intervals; the tables
+and the validation curves."""
+import csv
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rapidfuzz.distance import Levenshtein
+
+from htr.evaluation import beam_decode, check_decode_mode, infer, make_loader
+from htr.onnx_runtime import load_recognizer
+from utils import UserError, load_config, resolve_device
+
+log = logging.getLogger("htr")
+BASE_ARMS = {"llm_off": ["train.use_llm=false"], "llm_on": ["train.use_llm=true"]}
+BOOTSTRAP = 2000
+ROOT = Path(__file__).resolve().parents[1]                         # trainer.py is there
+
+
+def parse_arms(specs: list) -> dict:
+    """`NAME:key=value,key=value` specs -> {name: overrides}, after the two base arms."""
+    arms = dict(BASE_ARMS)
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        overrides = [kv for kv in rest.split(",") if kv]
+        if not sep or not name or not overrides or any("=" not in kv for kv in overrides):
+            raise UserError(f"--arm {spec!r}: expected NAME:key=value[,key=value ...]")
+        if name in arms:
+            raise UserError(f"--arm {spec!r}: an arm named {name!r} exists already")
+        arms[name] = overrides
+    return arms
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+def train(config: str, overrides: list, run_dir: Path) -> float:
+    """Train (or finish) one run with trainer.py; returns its training wall time in seconds (resumed runs add
+    up). A run is finished when its done.json exists."""
+    done = run_dir / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())["train_seconds"]
+    spent = json.loads((run_dir / "partial.json").read_text())["train_seconds"] \
+        if (run_dir / "partial.json").is_file() else 0.0
+    resume = [f"resume={run_dir / 'last.pt'}", "train.init_from=null"] if (run_dir / "last.pt").is_file() \
+        else []                                                         # the run's own weights already hold init_from
+    cmd = [sys.executable, str(ROOT / "trainer.py"), config, *overrides, *resume]
+    log.info("%s %s", "resuming" if resume else "training", run_dir.name)
+    t0 = time.perf_counter()
+    status = run_forwarding_signals(cmd)
+    spent += time.perf_counter() - t0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if status != 0:
+        (run_dir / "partial.json").write_text(json.dumps({"train_seconds": spent}))
+        raise UserError(f"training {run_dir.name} stopped (exit status {status}); run the same command again to "
+                        f"resume the ablation where it stopped")
+    done.write_text(json.dumps({"train_seconds": spent}))
+    return spent
+
+
+def run_forwarding_signals(cmd: list) -> int:
+    """Run `cmd`; SIGINT/SIGTERM sent to this process are passed on (the trainer then writes last.pt and exits)."""
+    child = subprocess.Popen(cmd, cwd=ROOT)
+    forward = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum))
+               for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in forward.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+def line_errors(cfg, checkpoint: Path) -> dict:
+    """{decoding: {line id: (character errors, reference length)}} of a checkpoint on eval.split, decoded as
+    evaluate.py decodes (greedy; and beam + LM with decode.mode=beam)."""
+    model, charset = load_recognizer(cfg, checkpoint, cfg.runtime, resolve_device(cfg.device), channels_last=True)
+    out = infer(cfg, model, make_loader(cfg, cfg.eval.split, charset), charset)
+    out["greedy"] = out.pop("hyps")
+    if cfg.decode.mode == "beam":
+        beam_decode(cfg, model, charset, out, checkpoint)
+    return {mode: {i: (Levenshtein.distance(r, h), len(r)) for i, r, h in zip(out["ids"], out["refs"], out[mode])}
+            for mode in ("greedy", "beam", "llm") if mode in out}
+
+
+def corpus_cer(errors: np.ndarray, lengths: np.ndarray) -> float:
+    return float(errors.sum() / max(lengths.sum(), 1))
+
+
+def bootstrap_ci(arm: np.ndarray, base: np.ndarray, lengths: np.ndarray, seed: int = 0) -> tuple:
+    """95 % interval of CER(arm) - CER(base) over test lines resampled with replacement (paired: both arms on the
+    same resampled lines). arm/base: (lines,) errors per line, already averaged over seeds."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(lengths), (BOOTSTRAP, len(lengths)))                # (resamples, lines)
+    diffs = (arm[idx].sum(1) - base[idx].sum(1)) / np.maximum(lengths[idx].sum(1), 1)
+    return tuple(float(v) for v in np.percentile(diffs, [2.5, 97.5]))
+
+
+def summarise(results: dict, mode: str) -> list:
+    """results[arm][seed] = {"errors": {mode: {id: (e, n)}}, "seconds": s} -> one table row per arm."""
+    reference = next(iter(results["llm_off"].values()))["errors"][mode]             # {id: (errors, length)}
+    ids = sorted(reference)
+    lengths = np.array([reference[i][1] for i in ids], float)
+
+    def mean_errors(arm):
+        return np.mean([[run["errors"][mode][i][0] for i in ids] for run in results[arm].values()], axis=0)
+
+    base = mean_errors("llm_off")
+    rows = []
+    for arm, runs in results.items():
+        errors = mean_errors(arm)
+        per_seed = {s: corpus_cer(np.array([r["errors"][mode][i][0] for i in ids]), lengths) for s, r in runs.items()}
+        low, high = bootstrap_ci(errors, base, lengths)
+        rows.append({"arm": arm, "decoding": mode, "seeds": len(runs), "test_cer": corpus_cer(errors, lengths),
+                     "cer_per_seed": " ".join(f"{v:.4f}" for v in per_seed.values()),
+                     "delta_vs_llm_off": corpus_cer(errors, lengths) - corpus_cer(base, lengths),
+                     "ci95_low": low, "ci95_high": high, "test_lines": len(ids),
+                     "train_minutes": float(np.mean([r["seconds"] for r in runs.values()])) / 60})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+
+def write_tables(rows: list, out: Path) -> None:
+    with open(out / "ablation.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| arm | decoding | seeds | test CER | per seed | Δ vs llm_off (95 % CI) | train min |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = "—" if r["arm"] == "llm_off" else \
+            f"{100 * r['delta_vs_llm_off']:+.2f} ({100 * r['ci95_low']:+.2f}, {100 * r['ci95_high']:+.2f})"
+        seeds = ", ".join(f"{100 * float(v):.2f}" for v in r["cer_per_seed"].split())
+        lines.append(f"| {r['arm']} | {r['decoding']} | {r['seeds']} | {100 * r['test_cer']:.2f} % | {seeds} | "
+                     f"{delta} | {r['train_minutes']:.1f} |")
+    (out / "ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def plot_curves(run_dirs: dict, out: Path) -> None:
+    """Validation CER per step of every run: one colour per arm, one line style per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from htr.runlog import read_rows
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for a, (arm, seeds) in enumerate(run_dirs.items()):
+        for s, (seed, run_dir) in enumerate(seeds.items()):
+            val = [r for r in read_rows(run_dir / "metrics.csv", "epoch") if "val_cer" in r]
+            ax.plot([r["step"] for r in val], [100 * r["val_cer"] for r in val], color=f"C{a}",
+                    linestyle=["-", "--", ":", "-."][s % 4], marker="o", markersize=3, label=f"{arm} seed {seed}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation CER (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "val_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def run(config: str, overrides: list, seeds: list, arm_specs: list, out: Path) -> None:
+    """Train and evaluate every arm (the base two and `arm_specs`) x seed under out/runs, then write out/ablation.csv,
+    out/ablation.md (also printed) and out/val_curves.png."""
+    arms, out = parse_arms(arm_specs), out.resolve()
+    plan = []                                # every arm's config is checked before the first one trains
+    for arm, arm_overrides in arms.items():
+        for seed in seeds:
+            run_dir = out / "runs" / f"{arm}_s{seed}"
+            run_overrides = [*overrides, *arm_overrides, f"seed={seed}", f"model.save_dir={out / 'runs'}",
+                             f"model.run_name={run_dir.name}"]
+            cfg = load_config(config, run_overrides)
+            check_decode_mode(cfg)
+            plan.append((arm, seed, run_dir, run_overrides, cfg))
+    results, run_dirs = {}, {}
+    for arm, seed, run_dir, run_overrides, cfg in plan:
+        seconds = train(str(Path(config).resolve()), run_overrides, run_dir)
+        best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+        results.setdefault(arm, {})[seed] = {"errors": line_errors(cfg, best), "seconds": seconds}
+        run_dirs.setdefault(arm, {})[seed] = run_dir
+    modes = list(next(iter(results["llm_off"].values()))["errors"])
+    rows = [row for mode in modes for row in summarise(results, mode)]
+    write_tables(rows, out)
+    plot_curves(run_dirs, out)
+    print((out / "ablation.md").read_text(), end="")
+    log.info("wrote %s, %s and %s", out / "ablation.csv", out / "ablation.md", out / "val_curves.png")
