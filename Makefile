@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 QUICK_RUN := saved_models/quick
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test docs bench clean
 install: $(STAMP)
 
 # torch first, pinned: its CPU wheel is on disk here, a bare `torch` would pull a multi-GB CUDA build.
@@ -27,8 +27,13 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest -q -rs tests
 
+# The documentation site (docs/ -> site/); strict: a broken link, a missing page or a warning fails.
+docs: install
+	$(BIN)/python -m pip install -q mkdocs==1.6.1
+	$(BIN)/mkdocs build --strict
+
 bench: install
 	$(BIN)/python benchmark.py
 
 clean:
-	rm -rf $(VENV) saved_models data/synthetic
+	rm -rf $(VENV) saved_models data/synthetic site
