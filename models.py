@@ -11,11 +11,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 convs with BatchNorm and a (projected) identity shortcut."""
+def drop_path(x, p: float, training: bool):
+    """Stochastic depth (Huang et al., 2016): each line's residual branch dropped with probability p in training, the
+    kept ones scaled by 1 / (1 - p)."""
+    if not training or p == 0:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1 - p)  # (B, 1, 1, 1)
+    return x * keep / (1 - p)
 
-    def __init__(self, in_ch: int, out_ch: int):
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with BatchNorm and a (projected) identity shortcut; the residual branch
+    dropped per line with probability `drop` in training (stochastic depth)."""
+
+    def __init__(self, in_ch: int, out_ch: int, drop: float = 0.0):
         super().__init__()
+        self.drop = drop
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
@@ -25,7 +36,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
+        y = drop_path(self.bn2(self.conv2(y)), self.drop, self.training)
         return F.relu(y + self.shortcut(x))
 
 
@@ -85,13 +96,16 @@ class HybridBackbone(nn.Module):
     PATCH = {"mobilevit1": 4, "mobilevit2": 8}
     POOL = {"M": (2, 2), "Mh": (2, 1)}
 
-    def __init__(self, cnn_cfg, mobilevit: dict, flattening: str = "maxpool", stem_channels: int = 32):
+    def __init__(self, cnn_cfg, mobilevit: dict, flattening: str = "maxpool", stem_channels: int = 32,
+                 drop_rate: float = 0.0):
         super().__init__()
         if flattening not in ("maxpool", "avgpool"):
             raise ValueError(f"arch.flattening must be 'maxpool' or 'avgpool', got {flattening!r}")
         self.flattening = flattening
         layers = [nn.Conv2d(1, stem_channels, 7, stride=(4, 2), padding=3), nn.ReLU()]
         ch = stem_channels
+        blocks = sum(t[0] for t in cnn_cfg if not isinstance(t, str) and len(t) == 2)
+        drops = iter(torch.linspace(0, drop_rate, blocks).tolist())      # deeper blocks dropped more often (timm)
         for token in cnn_cfg:
             if isinstance(token, str) and token in self.POOL:
                 layers.append(nn.MaxPool2d(self.POOL[token]))
@@ -100,7 +114,7 @@ class HybridBackbone(nn.Module):
             elif not isinstance(token, str) and len(token) == 2:
                 n, out_ch = token
                 for _ in range(n):
-                    layers.append(BasicBlock(ch, out_ch))
+                    layers.append(BasicBlock(ch, out_ch, next(drops)))
                     ch = out_ch
             else:
                 raise ValueError(f"arch.cnn_cfg: unknown token {token!r}; use [n, channels], 'M', 'Mh', "
@@ -186,9 +200,10 @@ class CTCtopB(nn.Module):
 class HTRNet(nn.Module):
     """HybridBackbone + CTCtopB: (B, 1, H, W) line images -> CTCOutput."""
 
-    def __init__(self, arch, n_classes: int):
+    def __init__(self, arch, n_classes: int, drop_path: float = 0.0):
         super().__init__()
-        self.backbone = HybridBackbone(arch.cnn_cfg, dict(arch.mobilevit), arch.flattening, arch.stem_channels)
+        self.backbone = HybridBackbone(arch.cnn_cfg, dict(arch.mobilevit), arch.flattening, arch.stem_channels,
+                                       drop_path)
         self.head = CTCtopB(self.backbone.out_channels, n_classes, arch.head_type, arch.rnn_type,
                             arch.rnn_layers, arch.rnn_hidden_size, arch.rnn_dropout)
 

@@ -20,6 +20,7 @@ from dataset import STOP_SIGNALS, EpochBatchSampler, LineDataset, line_loader, w
 from htr.inference import predict
 from htr.metrics import corpus_cer, error_counts, rates
 from htr.runlog import RunLog
+from htr.weight_ema import WeightEMA
 from models import HTRNet, ctc_loss, output_frames, parameter_report
 from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, load_checkpoint,
                    make_optimizer, mixed_precision, remove_stale_temp_files, resolve_device, save_checkpoint,
@@ -92,13 +93,14 @@ class Trainer:
             self.train_set, self.val_set = self._datasets()
         init = self._init_checkpoint()
         self.charset = self._charset(resume_ckpt, init)
-        self.model = HTRNet(cfg.arch, len(self.charset)).requires_grad_(not self.frozen)
+        self.model = HTRNet(cfg.arch, len(self.charset), cfg.train.drop_path).requires_grad_(not self.frozen)
         self.llm = self._llm() if cfg.train.use_llm else None
         self.features = {}                                                 # the head's tap tensors of this step
         if self.llm is not None:
             self.model.head.register_forward_hook(lambda module, args, out: self.features.update(out.features))
         if init is not None:
             self._init_weights(*init)
+        self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay and not self.frozen else None
         self.clip_groups = self._clip_groups()
         self.optimizer = make_optimizer([{"params": params, "lr": lr} for params, lr, _ in self.clip_groups],
                                         cfg.train.lr, cfg.train.weight_decay)
@@ -118,6 +120,8 @@ class Trainer:
             self._restore(*resume_ckpt)
         self.fmt = train_memory_format(cfg.train.channels_last, self.acc.device)
         self.model = self.model.to(memory_format=self.fmt)
+        if self.ema is not None:
+            self.ema.average.to(self.acc.device, memory_format=self.fmt)
         if self.frozen:                                                    # no gradients: no DDP wrapper
             self.model, self.optimizer = self.model.to(self.acc.device), self.acc.prepare(self.optimizer)
         else:
@@ -234,7 +238,9 @@ class Trainer:
         if (self.llm is not None) != ("llm" in ckpt):
             raise UserError(f"checkpoint {path} was trained {'without' if self.llm else 'with'} the LLM path; "
                             f"resume with train.use_llm={'false' if self.llm else 'true'} or start a new run")
-        self.model.load_state_dict(ckpt["model"])
+        self.model.load_state_dict(ckpt["ema"]["raw"] if "ema" in ckpt else ckpt["model"])
+        if self.ema is not None and "ema" in ckpt:                         # else the average starts afresh
+            self.ema.restore(ckpt["model"], ckpt["ema"]["updates"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.llm is not None:
@@ -260,6 +266,9 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step, "best_cer": self.best_cer,
                  "bad_validations": self.bad_validations, "rng": rng}
+        if self.ema is not None:                                           # "model" is what ships: the average
+            state["ema"] = {"raw": state["model"], "updates": self.ema.updates}
+            state["model"] = self.ema.module.state_dict()
         if self.llm is not None:
             state["llm"] = {"name": self.cfg.llm.name,
                             "trainable": self.acc.unwrap_model(self.llm).trainable_state_dict()}
@@ -373,6 +382,8 @@ class Trainer:
                     self.acc.clip_grad_norm_(params, max_norm)
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.acc.unwrap_model(self.model))
             self.step, self.epoch_step, lines = self.step + 1, self.epoch_step + 1, lines + len(texts)
             values = {k: float(v.detach()) for k, v in losses.items()}
             if self.llm is not None and not self.frozen:
@@ -392,10 +403,10 @@ class Trainer:
         stats.update(lines_per_s=lines / (time.perf_counter() - t0), lr=self.scheduler.get_last_lr()[0])
         return stats
 
-    def validate(self) -> dict:
-        """Greedy CER/WER on the val split; with several processes each validates every N-th line, and the edit
-        counts are summed, so every line counts exactly once."""
-        model = self.acc.unwrap_model(self.model).eval()
+    def validate(self, model=None) -> dict:
+        """Greedy CER/WER of `model` (default: the trained weights) on the val split; with several processes each
+        validates every N-th line, and the edit counts are summed, so every line counts exactly once."""
+        model = (model or self.acc.unwrap_model(self.model)).eval()
         rank, n = self.acc.process_index, self.acc.num_processes
         shard = Subset(self.val_set, range(rank, len(self.val_set), n))
         loader = line_loader(shard, self.charset, batch_size=self.cfg.eval.batch_size,
@@ -439,7 +450,9 @@ class Trainer:
         cfg = self.cfg.train
         last = self.epoch == cfg.num_epochs
         if self.val_set is not None and (self.epoch % cfg.val_every_k_epochs == 0 or last):
-            stats.update(self.validate())
+            stats.update(self.validate(self.ema and self.ema.module))     # the weights that ship
+            if self.ema is not None:
+                stats.update(val_cer_raw=self.validate()["val_cer"])
             if self.llm is not None and cfg.llm_val_lines > 0:
                 stats.update(self.validate_llm())
             score = stats["val_llm"] if self.frozen else stats["val_cer"]

@@ -34,16 +34,24 @@ def assert_same_weights(a_path, b_path) -> None:
     assert a["step"] == b["step"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    assert ("ema" in a) == ("ema" in b)
+    for key in a.get("ema", {}).get("raw", {}):                            # the trained weights behind the average
+        assert torch.equal(a["ema"]["raw"][key], b["ema"]["raw"][key]), key
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
 
 
-@pytest.mark.parametrize("precision,stop_at,workers", [("no", 2, 0), ("no", 3, 2), ("bf16", 5, 0)])
-def test_resume_at_any_step_gives_identical_weights(tiny_overrides, precision, stop_at, workers):
+REGULARISED = ["train.ema_decay=0.9", "train.drop_path=0.3"]
+
+
+@pytest.mark.parametrize("precision,stop_at,workers,extra", [("no", 2, 0, []), ("no", 3, 2, []), ("bf16", 5, 0, []),
+                                                            ("no", 3, 0, REGULARISED)])
+def test_resume_at_any_step_gives_identical_weights(tiny_overrides, precision, stop_at, workers, extra):
     """2 epochs of 2 steps straight == stopped after `stop_at` steps (mid-epoch for 3) + resumed, with
-    augmentation, dropout, warm-up and mstep decay, in the loader's main process or its workers."""
+    augmentation, dropout, warm-up and mstep decay, in the loader's main process or its workers; and with the
+    weight average and stochastic depth."""
     base = tiny_overrides + ["train.num_epochs=3", "train.augment=true", "train.scheduler=mstep",
                              "train.warmup_steps=3", f"train.mixed_precision={precision}",
-                             f"train.num_workers={workers}"]
+                             f"train.num_workers={workers}", *extra]
     _, straight = train(base + ["model.run_name=straight"])
     _, half = train(base + ["model.run_name=split", f"train.max_steps={stop_at}"])
     stopped = load_checkpoint(half)
