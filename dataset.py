@@ -1,8 +1,10 @@
-"""Line datasets: `<root>/<split>/<id>.png` + `<root>/<split>/gt.txt` (`<id> <transcription>` per line).
+"""Line datasets: `<root>/<split>/<id>.png` + `<root>/<split>/gt.txt` (`<id> <transcription>` per line), or a
+sharded split, `<root>/<split>/shard-*/` each with its own PNGs and gt.txt (read as the union of its complete shards).
 
 Lines are validated on load (bad ones are skipped and listed in one warning), read and preprocessed once as
 upstream (htr/images.py: grey, ink bright on a dark background, aspect-preserving resize into (H-16) x (W-16)) and cached
-as uint8, in memory and optionally on disk, so later epochs only pad, augment and convert. Training batches come from
+as uint8 per folder (split or shard) on disk, memory-mapped, so later epochs only pad, augment and convert and a
+split larger than RAM is read on demand (without the cache: decoded into memory). Training batches come from
 EpochBatchSampler (reproducible from the seed and the epoch, sharded over processes, resumable mid-epoch) and are
 augmented with a seed per (epoch, line), so what a line looks like does not depend on worker count or order.
 """
@@ -13,6 +15,7 @@ import math
 import random
 import signal
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from htr.images import pad_center, preprocess, read_image, to_tensor
 from utils import Charset, UserError, atomic_write, normalize_text, usable_cpus
 
 log = logging.getLogger("htr")
-CACHE_VERSION = 2
+CACHE_VERSION = 3                                     # 3: pixels in a memory-mapped .npy
 
 
 # ------------------------------------------------------------------------------------------------- augmentation
@@ -96,27 +99,109 @@ def _decode_all(split_dir: Path, entries, height: int, width: int) -> tuple:
     return images, bad
 
 
-def _load_cache(path: Path, entries) -> tuple:
-    """Cached images in gt order; a (0, 0) shape marks a bad line whose reason is in bad_ids/bad_why."""
-    with np.load(path) as z:
-        pixels, shapes = z["pixels"], z["shapes"]
+class PackedLines(Sequence):
+    """The preprocessed lines of one folder, back to back in the cache's flat uint8 pixels file, memory-mapped on
+    first use in each process: the page cache holds them, not the process, so a split larger than RAM trains, and
+    forked loader workers share the pages. A (0, 0) shape is a bad line (None)."""
+
+    def __init__(self, path: Path, shapes: np.ndarray):
+        self.path, self.shapes = path, shapes
+        self.offsets = np.concatenate([[0], np.cumsum(shapes.prod(1))])
+        self._pixels = None
+
+    def check(self) -> None:
+        """Raise ValueError unless the pixels file holds exactly the pixels the shapes need (read its header only:
+        one open map per shard for the whole run would exhaust file descriptors sooner)."""
+        with open(self.path, "rb") as f:
+            np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            size = self.path.stat().st_size - f.tell()
+        if shape != (self.offsets[-1],) or dtype != np.uint8 or size != self.offsets[-1]:
+            raise ValueError(f"{self.path.name} holds {shape} {dtype}, {size} bytes; expected {self.offsets[-1]}")
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, k: int):
+        if not self.shapes[k].all():
+            return None
+        if self._pixels is None:
+            self._pixels = np.load(self.path, mmap_mode="r")
+        return self._pixels[self.offsets[k]:self.offsets[k + 1]].reshape(self.shapes[k])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None}        # spawned workers map the file themselves, not a copy
+
+
+class LineImages(Sequence):
+    """The kept lines of every folder of a split by dataset index: images[k] of their folder (a list in memory or
+    PackedLines)."""
+
+    def __init__(self, folders: list):
+        """folders: (images, kept indices into them) per folder, in dataset order."""
+        self.folders = [images for images, _ in folders]
+        self.folder = np.repeat(np.arange(len(folders)), [len(keep) for _, keep in folders])
+        self.local = np.concatenate([np.asarray(keep, np.int64) for _, keep in folders] + [np.zeros(0, np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    def __getitem__(self, i: int):
+        return self.folders[self.folder[i]][self.local[i]]   # numpy raises IndexError past the end: iteration stops
+
+
+def _pixels_path(index: Path) -> Path:
+    return index.with_suffix(".pixels.npy")
+
+
+def _load_cache(index: Path, entries) -> tuple:
+    """Cached images in gt order and the bad lines ({id: reason}) from the index (.npz) and pixels (.npy) files."""
+    with np.load(index) as z:
+        shapes = z["shapes"]
         bad = dict(zip(z["bad_ids"].tolist(), z["bad_why"].tolist()))
     if len(shapes) != len(entries):
         raise ValueError("entry count differs")
-    chunks = np.split(pixels, np.cumsum(shapes.prod(1))[:-1])
-    images = [c.reshape(s) if s.all() else None for c, s in zip(chunks, shapes)]
+    images = PackedLines(_pixels_path(index), shapes)
+    images.check()
     return images, bad
 
 
-def _save_cache(path: Path, images, bad) -> None:
+def _save_cache(index: Path, images, bad) -> None:
+    """The pixels file first, streamed image by image (no second copy of a shard in memory), then the index: a
+    cache is complete once its index exists."""
     shapes = np.array([img.shape if img is not None else (0, 0) for img in images], np.int64).reshape(-1, 2)
-    pixels = np.concatenate([img.ravel() for img in images if img is not None] + [np.zeros(0, np.uint8)])
     try:
-        with atomic_write(path) as f:
-            np.savez(f, pixels=pixels, shapes=shapes,
-                     bad_ids=np.array(list(bad), dtype=str), bad_why=np.array(list(bad.values()), dtype=str))
+        with atomic_write(_pixels_path(index)) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (int(shapes.prod(1).sum()),)})
+            for img in images:
+                if img is not None:
+                    f.write(np.ascontiguousarray(img, np.uint8).data)
+        with atomic_write(index) as f:
+            np.savez(f, shapes=shapes, bad_ids=np.array(list(bad), dtype=str),
+                     bad_why=np.array(list(bad.values()), dtype=str))
+        return True
     except OSError as e:
-        log.warning("could not write preprocessing cache %s (%s); continuing without it", path, e)
+        log.warning("could not write preprocessing cache %s (%s); continuing without it", index, e)
+        return False
+
+
+def split_folders(split_dir: Path) -> list:
+    """The folders holding a split's lines: the split folder when it has a gt.txt, else its complete shards
+    (shard-*/ with a gt.txt, in name order); incomplete ones (no gt.txt: being written, or killed) are skipped with
+    one warning."""
+    if (split_dir / "gt.txt").is_file():
+        return [split_dir]
+    shards = sorted(d for d in split_dir.glob("shard-*") if d.is_dir())
+    complete = [d for d in shards if (d / "gt.txt").is_file()]
+    if len(complete) < len(shards):
+        log.warning("%s: skipped %d incomplete shard(s) without gt.txt (being written, or killed: rerun the command "
+                    "that writes them): %s", split_dir, len(shards) - len(complete),
+                    ", ".join(d.name for d in shards if d not in complete))
+    if not complete:
+        raise UserError(f"no ground truth file {split_dir / 'gt.txt'} (expected <id> <transcription> per line)"
+                        + (", and no complete shard (shard-*/gt.txt)" if shards else ""))
+    return complete
 
 
 # ----------------------------------------------------------------------------------------------------- dataset
@@ -139,49 +224,64 @@ class LineDataset(Dataset):
         if not self.split_dir.is_dir():
             raise UserError(f"split directory not found: {self.split_dir} (expected data.path/{split}/ "
                             f"with <id>.png files and gt.txt)")
-        entries, problems = read_gt(self.split_dir)
-        images, bad = self._load_images(entries, cache)
-        problems += [(f"{self.split_dir / 'gt.txt'} id {i}", f"{why}: {self.split_dir / i}.png")
-                     for i, why in bad.items()]
-        if max_frames is not None:
-            bad.update(self._too_long(entries, bad, max_frames, problems))
-        keep = [k for k, (line_id, _) in enumerate(entries) if line_id not in bad]
-        self.ids = [entries[k][0] for k in keep]
-        self.texts = [entries[k][1] for k in keep]
-        self.images = [images[k] for k in keep]
-        self.skipped = problems
-        if problems:
-            listing = "\n  ".join(f"{where}: {why}" for where, why in problems[:50])
-            more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-            log.warning("%s: skipped %d line(s):\n  %s%s", self.split_dir, len(problems), listing, more)
+        self.ids, self.texts, self.skipped, kept, seen = [], [], [], [], set()
+        for folder in split_folders(self.split_dir):
+            entries, keep, images = self._load_folder(folder, cache, max_frames, seen)
+            ids = [entries[k][0] for k in keep]
+            self.ids += ids
+            seen.update(ids)
+            self.texts += [entries[k][1] for k in keep]
+            kept.append((images, keep))
+        self.images = LineImages(kept)
+        if self.skipped:
+            listing = "\n  ".join(f"{where}: {why}" for where, why in self.skipped[:50])
+            more = f"\n  ... and {len(self.skipped) - 50} more" if len(self.skipped) > 50 else ""
+            log.warning("%s: skipped %d line(s):\n  %s%s", self.split_dir, len(self.skipped), listing, more)
         if not self.ids:
-            raise UserError(f"no valid lines in {self.split_dir} ({len(problems)} skipped); "
+            raise UserError(f"no valid lines in {self.split_dir} ({len(self.skipped)} skipped); "
                             f"check gt.txt and the images")
         self.transform = build_augmentation() if augment else None
         self.epoch_seed = 0
 
-    def _too_long(self, entries, bad, max_frames: int, problems: list) -> dict:
+    def _load_folder(self, folder: Path, cache: bool, max_frames: int | None, seen: set) -> tuple:
+        """(entries, indices of the kept ones, images) of one folder's gt.txt; its skipped lines join self.skipped.
+        An id in `seen` (read from an earlier shard) is a duplicate too."""
+        entries, problems = read_gt(folder)
+        images, bad = self._load_images(folder, entries, cache)
+        gt = folder / "gt.txt"
+        problems += [(f"{gt} id {i}", f"{why}: {folder / i}.png") for i, why in bad.items()]
+        if max_frames is not None:
+            bad.update(self._too_long(gt, entries, bad, max_frames, problems))
+        again = {i for i, _ in entries if i in seen and i not in bad}      # sharded: ids must stay unique
+        if again:
+            problems += [(f"{gt} id {i}", "duplicate id, already in an earlier shard") for i in sorted(again)]
+            bad.update(dict.fromkeys(again, "duplicate"))
+        self.skipped += problems
+        return entries, [k for k, (line_id, _) in enumerate(entries) if line_id not in bad], images
+
+    @staticmethod
+    def _too_long(gt: Path, entries, bad, max_frames: int, problems: list) -> dict:
         """Lines whose label needs more CTC frames than the model has; appended to `problems`."""
         long = {line_id: ctc_frames(text) for line_id, text in entries
                 if line_id not in bad and ctc_frames(text) > max_frames}
-        problems += [(f"{self.split_dir / 'gt.txt'} id {i}",
+        problems += [(f"{gt} id {i}",
                       f"label needs {n} CTC frames (characters + repeats) but the model outputs {max_frames}; "
                       f"widen preproc.image_width or split the line") for i, n in long.items()]
         return long
 
-    def _load_images(self, entries, cache: bool) -> tuple:
+    def _load_images(self, folder: Path, entries, cache: bool) -> tuple:
         if not cache:
-            return _decode_all(self.split_dir, entries, self.height, self.width)
-        path = self.split_dir / f".cache-{_cache_key(self.split_dir, entries, self.height, self.width)}.npz"
-        if path.is_file():
+            return _decode_all(folder, entries, self.height, self.width)
+        index = folder / f".cache-{_cache_key(folder, entries, self.height, self.width)}.npz"
+        if index.is_file():
             try:
-                return _load_cache(path, entries)
+                return _load_cache(index, entries)
             except Exception as e:                       # truncated / foreign files: np.load raises many types
-                log.warning("preprocessing cache %s is unreadable (%s: %s); rebuilding it", path,
+                log.warning("preprocessing cache %s is unreadable (%s: %s); rebuilding it", index,
                             type(e).__name__, e)
-        images, bad = _decode_all(self.split_dir, entries, self.height, self.width)
-        _save_cache(path, images, bad)
-        return images, bad
+        images, bad = _decode_all(folder, entries, self.height, self.width)
+        # reopened from disk, so that a split's decoded lines never stay in memory all at once
+        return _load_cache(index, entries) if _save_cache(index, images, bad) else (images, bad)
 
     def set_epoch_seed(self, seed: int) -> None:
         """Augmentation of line i in this epoch is seeded by (seed, i): set before the epoch's loader starts (the

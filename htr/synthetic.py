@@ -1,18 +1,17 @@
-"""Synthetic handwriting lines (the quick-start default data): texts, hands, line rendering, paper, and the
-dataset writer behind prepare_synthetic.py (its docstring describes the data). Glyphs and the downloaded assets
-(fonts, MNIST, Shakespeare) are htr/synth_glyphs.py's.
+"""Synthetic handwriting lines (the quick-start default data): texts, hands, line rendering and paper
+(prepare_synthetic.py's docstring describes the data). Glyphs and the downloaded assets (fonts, MNIST, Shakespeare)
+are htr/synth_glyphs.py's, the letters style is htr/synthetic_letters.py's, and the dataset writer (flat or sharded
+layout, resuming, workers) is htr/synthetic_writer.py's.
 """
-from dataclasses import dataclass
-from functools import cache, partial
-from multiprocessing import Pool
-from pathlib import Path
+from dataclasses import dataclass, replace
+from functools import cache
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
-from htr.synth_glyphs import (DIGITS, HERSHEY_THIN, TTF_WEIGHTS, after_gaps, fetch_all, hershey_word, mnist, mnist_word,
-                              place, shakespeare, ttf_word)
+from htr.synth_glyphs import (DIGITS, HERSHEY_THIN, TTF_WEIGHTS, after_gaps, hershey_word, mnist_word, place,
+                              shakespeare, ttf_word)
+from htr.synthetic_letters import letter_marks, superscript_parts
 
 HAND = {  # how hands vary from line to line (see sample_style, render_line, sample_text)
     "stretch": (0.75, 1.35),  # letter width factor, log-uniform: narrow to wide hands
@@ -21,7 +20,7 @@ HAND = {  # how hands vary from line to line (see sample_style, render_line, sam
     "neighbours": 0.4,  # chance of ink from the line above, and separately from the line below, in the margin
     "wave": 0.25,  # largest baseline wave amplitude / letter size
     "slant": (0.12, 0.12),  # mean and sd of the shear (positive leans right)
-    "length": (44, 13),  # mean and sd of the characters per line (IAM-like), clipped to 12-80
+    "length": (44, 13, 12, 80),  # characters per line (IAM-like): mean, sd, clipped to [12, 80]
     "ampersand": 0.3,  # chance that a line writes "and" as "&"
 }
 
@@ -38,8 +37,6 @@ PLAYS = {  # held-out plays; every other play is train text
 }
 MNIST_PART = {"train": "train", "val": "valid", "test": "test"}
 MNIST_SEPARATORS = ".,/-:#+*()"  # drawn with a Hershey font between MNIST digits
-PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
-            cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]  # noisy images: 3x faster, about as small
 PREFIXES = ["No.", "Tel.", "Total:", "Date:", "Page", "Room", "Ref.", "Box", "Vol.", "Flat", "Order", "Cheque"]
 
 
@@ -58,14 +55,16 @@ def number(rng: np.random.Generator) -> str:
     return forms[rng.integers(len(forms))]
 
 
-def sample_text(words: list[str], rng: np.random.Generator) -> str:
-    """A number line (6%) or a run of words from the split's running text, of IAM-like length."""
+def sample_text(words: list[str], rng: np.random.Generator, length: tuple = HAND["length"]) -> str:
+    """A number line (6%) or a run of words from the split's running text, of IAM-like `length` (mean, sd, lowest,
+    highest)."""
     if rng.random() < 0.06:
         tokens = [number(rng) for _ in range(rng.integers(1, 5))]
         if rng.random() < 0.5:
             tokens.insert(0, PREFIXES[rng.integers(len(PREFIXES))])
         return " ".join(tokens)
-    start, target = rng.integers(len(words) - 100), np.clip(rng.normal(*HAND["length"]), 12, 80)
+    mean, sd, lo, hi = length
+    start, target = rng.integers(len(words) - 100), np.clip(rng.normal(mean, sd), lo, hi)
     line = words[start]
     for w in words[start + 1:start + 100]:
         if len(line) + 1 + len(w) > target:
@@ -90,6 +89,7 @@ class Style:
     stretch: float = 1.0  # letter width factor: narrow (< 1) or wide (> 1) hands
     wobble: float = 0.0  # letter-to-letter variation of size, width, shear and baseline (0 = none)
     weight: int = 0  # weight of a variable TrueType font (0 = its default)
+    letters: bool = False  # the letters style: raised abbreviations, ruling, bleed-through (htr/synthetic_letters.py)
 
 
 def sample_style(split: str, rng: np.random.Generator) -> Style:
@@ -112,11 +112,25 @@ def sample_style(split: str, rng: np.random.Generator) -> Style:
 
 
 def render_word(word: str, style: Style, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    parts = superscript_parts(word) if style.letters else None
+    if parts:
+        return raised_word(*parts, style, rng)
     if style.mnist and any(c in DIGITS for c in word) and all(c in DIGITS + MNIST_SEPARATORS for c in word):
         return mnist_word(word, style.mnist, style.stroke_font, style.size, style.pen, rng, style.stretch)
     if style.source == "hershey":
         return hershey_word(word, style.font, style.size, style.pen, rng, style.stretch, style.wobble)
     return ttf_word(word, style.font, style.size, style.pen, rng, style.stretch, style.wobble, style.weight)
+
+
+def raised_word(base: str, raised: str, tail: str, style: Style, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """An abbreviation as letter writers wrote it: its last letters smaller and raised (Mr, yrs, recd), then any
+    punctuation on the baseline."""
+    small = replace(style, size=style.size * rng.uniform(0.5, 0.7), letters=False)
+    lift = -int(style.size * rng.uniform(0.3, 0.5))
+    pieces = [render_word(base, style, rng), render_word(raised, small, rng)]
+    pieces += [render_word(tail, style, rng)] if tail else []
+    gaps = [int(style.size * rng.uniform(-0.08, 0.04)) for _ in pieces]              # glyph masks have margins
+    return place(pieces, after_gaps(pieces, gaps), [0, lift, 0][:len(pieces)])
 
 
 def warp(mask: np.ndarray, baseline: int, slant: float, amplitude: float, rng: np.random.Generator) -> np.ndarray:
@@ -143,7 +157,10 @@ def render_line(text: str, style: Style, rng: np.random.Generator) -> np.ndarray
     dys = [int(amp * np.sin(2 * np.pi * i / period + phase) + rng.normal(0, 0.04 * style.size)) for i in range(n)]
     gaps = [int(style.size * style.spacing * rng.uniform(0.7, 1.3)) for _ in range(n)]
     mask, baseline = place(pieces, after_gaps(pieces, gaps), dys)
-    return neighbours(warp(mask, baseline, style.slant, rng.uniform(0.4, 1.5), rng), rng)
+    mask = warp(mask, baseline, style.slant, rng.uniform(0.4, 1.5), rng)                  # rows stay where they were
+    if style.letters:
+        mask = letter_marks(mask, baseline, style.size, rng)
+    return neighbours(mask, rng)
 
 
 def neighbours(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -192,63 +209,3 @@ def on_paper(mask: np.ndarray, rng: np.random.Generator, seed: int) -> np.ndarra
     contrast = rng.uniform(0.75, 1.1)
     img = cv2.addWeighted(img, contrast, crop_texture(grain, h, w, rng), rng.uniform(1, 5), 128 * (1 - contrast))
     return np.clip(img, 0, 255, out=img).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------- dataset
-def make_line(job: tuple[str, int, str, str], seed: int, out_dir: Path) -> str:
-    """Render and write one line; returns its styles.txt row."""
-    split, index, line_id, text = job
-    rng = np.random.default_rng([seed, list(SPLITS).index(split), index, 1])
-    style = sample_style(split, rng)
-    cv2.imwrite(str(out_dir / split / f"{line_id}.png"), on_paper(render_line(text, style, rng), rng, seed), PNG_FAST)
-    font = f"mnist-{style.mnist}+{style.font}" if style.mnist and any(c in DIGITS for c in text) else style.font
-    return (f"{line_id} {style.source} {font} {style.size:.1f} {style.pen} {style.slant:.2f} {style.stretch:.2f} "
-            f"{style.wobble:.2f} {style.weight}")
-
-
-def plan(n_lines: int, seed: int) -> list[tuple[str, int, str, str]]:
-    """(split, index, id, text) of every line; texts are drawn here so workers need no corpus."""
-    jobs = []
-    for k, (split, fraction) in enumerate(SPLITS.items()):
-        words = [w for speech in split_speeches(split) for w in speech]
-        for i in range(round(n_lines * fraction)):
-            text = sample_text(words, np.random.default_rng([seed, k, i, 0]))
-            jobs.append((split, i, f"synth-{split}-{i:06d}", text))
-    return jobs
-
-
-def write_preview(out_dir: Path, path: Path, per_split: int = 4, width: int = 1200) -> None:
-    """A grid of a few lines of every split in different hands, one under the other."""
-    rows = []
-    for split in SPLITS:
-        hands = {}  # font -> first line id written in it
-        for row in (out_dir / split / "styles.txt").read_text().splitlines():
-            hands.setdefault(row.split()[2], row.split()[0])
-        rows += [cv2.imread(str(out_dir / split / f"{i}.png"), cv2.IMREAD_GRAYSCALE) for i in
-                 list(hands.values())[:per_split]]
-    rows = [cv2.resize(r, (int(r.shape[1] * 64 / r.shape[0]), 64), interpolation=cv2.INTER_AREA) for r in rows]
-    w = min(max(r.shape[1] for r in rows), width)
-    grid = np.vstack([cv2.copyMakeBorder(r[:, :w], 0, 6, 0, w - r[:, :w].shape[1], cv2.BORDER_CONSTANT, value=255)
-                      for r in rows])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), grid)
-
-
-def generate(out_dir: Path, n_lines: int = 6000, seed: int = 0, workers: int = 2,
-             preview: Path | None = None) -> None:
-    """Write the dataset (see prepare_synthetic.py) and, with `preview`, a grid of samples to that PNG."""
-    fetch_all()
-    for part in MNIST_PART.values():
-        mnist(part)  # build the digit cache once, before the workers read it
-    jobs = plan(n_lines, seed)
-    for split in SPLITS:
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-    work = partial(make_line, seed=seed, out_dir=out_dir)
-    with Pool(max(workers, 1)) as pool:
-        styles = list(tqdm(pool.imap(work, jobs, chunksize=32), total=len(jobs), desc="lines"))
-    for split in SPLITS:
-        rows = [(job, style) for job, style in zip(jobs, styles) if job[0] == split]
-        (out_dir / split / "gt.txt").write_text("".join(f"{j[2]} {j[3]}\n" for j, _ in rows), encoding="utf-8")
-        (out_dir / split / "styles.txt").write_text("".join(f"{s}\n" for _, s in rows))
-    if preview:
-        write_preview(out_dir, preview)

@@ -1,5 +1,6 @@
-"""Line dataset: validation and skip summary, preprocessing, cache."""
+"""Line dataset: validation and skip summary, preprocessing, cache, sharded splits."""
 import logging
+import shutil
 import unicodedata
 
 import cv2
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import dataset
-from conftest import render_line, write_split
+from conftest import ROOT, render_line, tiny_setup, write_split
 from dataset import Collate, LineDataset
 from htr.images import pad_center, preprocess
 from utils import Charset, UserError
@@ -104,3 +105,67 @@ def test_cache_is_reused_and_invalidated_by_changes(tmp_path, monkeypatch):
     os.utime(d / "train-001.png", ns=(1, 1))
     third = LineDataset(tmp_path, "train", 32, 256)
     assert not np.array_equal(third.images[1], first.images[1])
+
+
+def write_shards(root, split: str, shards: list) -> list:
+    """<root>/<split>/shard-0000k/ per list of texts, ids unique across shards (<split>-<k><i>)."""
+    folders = []
+    for k, texts in enumerate(shards):
+        d = write_split(root / split, f"shard-{k:05d}", texts)
+        for i in range(len(texts)):                                                    # ids unique across shards
+            (d / f"shard-{k:05d}-{i:03d}.png").rename(d / f"{split}-{k}{i:02d}.png")
+        gt = d / "gt.txt"
+        gt.write_text("".join(f"{split}-{k}{i:02d} {t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+        folders.append(d)
+    return folders
+
+
+def test_a_sharded_split_is_the_union_of_its_complete_shards(tmp_path, caplog):
+    a, b, c, d = write_shards(tmp_path, "train", [["ab", "cd"], ["abc", "dab", "bad"], ["cab"], ["dd"]])
+    (b / "train-101.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")                   # corrupt PNG
+    (c / "gt.txt").unlink()                                                              # incomplete shard
+    with open(d / "gt.txt", "a", encoding="utf-8") as f:
+        f.write("train-000 ab\n")                                                        # an id of shard 0
+    shutil.copy(a / "train-000.png", d)
+    with caplog.at_level(logging.WARNING, logger="htr"):
+        ds = LineDataset(tmp_path, "train", 32, 256, cache=False)
+    assert ds.ids == ["train-000", "train-001", "train-100", "train-102", "train-300"]
+    assert ds.texts == ["ab", "cd", "abc", "bad", "dd"] and len(ds[4][0]) == 1
+    assert caplog.text.count("incomplete shard") == 1 and "shard-00002" in caplog.text
+    assert f"{b / 'gt.txt'} id train-101: " in caplog.text and "train-101.png" in caplog.text
+    assert f"{d / 'gt.txt'} id train-000: duplicate id, already in an earlier shard" in caplog.text
+
+
+def test_no_complete_shard_is_a_clear_error(tmp_path):
+    (a,) = write_shards(tmp_path, "val", [["ab"]])
+    (a / "gt.txt").unlink()
+    with pytest.raises(UserError, match=r"no ground truth file .*val/gt.txt .*and no complete shard"):
+        LineDataset(tmp_path, "val", 32, 256)
+
+
+def test_shards_are_cached_each_in_its_folder_and_memory_mapped(tmp_path, monkeypatch):
+    folders = write_shards(tmp_path, "train", [["ab", "cd"], ["abc", "dab"]])
+    decoded = LineDataset(tmp_path, "train", 32, 256, cache=False)
+    first = LineDataset(tmp_path, "train", 32, 256)
+    assert not list((tmp_path / "train").glob(".cache-*"))
+    assert all(len(list(d.glob(".cache-*.npz"))) == 1 == len(list(d.glob(".cache-*.pixels.npy"))) for d in folders)
+    monkeypatch.setattr(dataset, "read_image", lambda path: pytest.fail(f"decoded {path} although cached"))
+    second = LineDataset(tmp_path, "train", 32, 256)
+    for images in (first.images, second.images):
+        assert all(np.array_equal(a, b) for a, b in zip(decoded.images, images)) and len(images) == 4
+        assert all(isinstance(img, np.memmap) for img in images)                         # read on demand
+    assert second.ids == decoded.ids and second[3][1] == "dab"
+
+
+def test_sharded_splits_train_with_the_union_charset(tmp_path, caplog):
+    from htr import training
+    from utils import load_config
+    root, overrides = tiny_setup(tmp_path)
+    for split in ("train", "val"):
+        shutil.rmtree(root / split)
+    write_shards(root, "train", [["ab", "ba", "cab"], ["bad", "add", "dab", "cd", "dc"]])
+    write_shards(root, "val", [["abc"], ["bce"]])                                       # e: never in train
+    with caplog.at_level(logging.WARNING, logger="htr"):
+        t = training.Trainer(load_config(ROOT / "config.yaml", overrides))
+    assert t.charset.chars == "abcd" and len(t.train_set) == 8 and len(t.val_set) == 2
+    assert "1 character(s) of the val split never occur in training and count as errors: 'e'" in caplog.text

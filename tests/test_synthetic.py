@@ -1,4 +1,8 @@
-"""prepare_synthetic.py: determinism, format, split disjointness. Assets come from PyPI into $HTR_CACHE."""
+"""prepare_synthetic.py: determinism, format, split disjointness, shards (resuming, settings), the letters style.
+Assets come from PyPI into $HTR_CACHE."""
+import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,22 +13,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from htr.synthetic import FONTS, HAND, PLAYS, SPLITS, neighbours, sample_text, split_speeches  # noqa: E402
+from dataset import LineDataset  # noqa: E402
+from htr.synthetic import (FONTS, HAND, PLAYS, SPLITS, Style, neighbours, render_line, render_word,  # noqa: E402
+                           sample_text, split_speeches)
+from htr.synthetic_letters import abbreviate, letter_marks, superscript_parts  # noqa: E402
 from htr.synth_glyphs import CHARSET, glyph_shapes, parse_play, shakespeare, shear_glyph, to_charset  # noqa: E402
 
 N_LINES = 80
 
 
+def prepare(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "prepare_synthetic.py"), str(out), "--lines", str(N_LINES), "--seed", "7", *args]
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=300)
+
+
 def generate(out: Path, workers: int) -> Path:
-    cmd = [sys.executable, str(ROOT / "prepare_synthetic.py"), str(out), "--lines", str(N_LINES), "--seed", "7",
-           "--workers", str(workers), "--preview", str(out / "preview.png")]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    prepare(out, "--workers", str(workers), "--preview", str(out / "preview.png"))
     return out
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("synth") / "a", workers=2)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """The same lines as `dataset`, in shards of 16 (train: 4, val and test: 1 each), written by one worker."""
+    out = tmp_path_factory.mktemp("synth") / "shards"
+    prepare(out, "--workers", "1", "--shard-size", "16")
+    return out
 
 
 def read_gt(path: Path) -> dict[str, str]:
@@ -133,3 +151,92 @@ def test_ampersand_for_and():
     texts = [sample_text(words, np.random.default_rng([5, i])) for i in range(200)]
     amp = [t for t in texts if "&" in t]
     assert 0.1 < len(amp) / len(texts) < 0.5 and all(" and " not in f" {t} " for t in amp)
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def test_the_flat_layout_has_no_shards_and_no_settings(dataset: Path):
+    assert sorted(p.name for p in dataset.iterdir()) == ["preview.png", "test", "train", "val"]
+    for split in SPLITS:
+        assert {p.suffix for p in (dataset / split).iterdir()} == {".png", ".txt"}
+
+
+def test_shards_hold_the_flat_lines_whatever_the_workers(dataset: Path, sharded: Path):
+    """Shards of 16 written by one worker = the flat set written by two: lines are seeded by their id alone."""
+    assert [p.name for p in sorted((sharded / "train").iterdir())] == [f"shard-{k:05d}" for k in range(4)]
+    for split in SPLITS:
+        flat = read_gt(dataset / split / "gt.txt")
+        shards = sorted((sharded / split).glob("shard-*"))
+        assert [len(read_gt(d / "gt.txt")) for d in shards] == {"train": [16] * 4, "val": [8], "test": [8]}[split]
+        assert {k: v for d in shards for k, v in read_gt(d / "gt.txt").items()} == flat
+        for d in shards:
+            for lid in read_gt(d / "gt.txt"):
+                assert (d / f"{lid}.png").read_bytes() == (dataset / split / f"{lid}.png").read_bytes()
+    summary = json.loads((sharded / "synthetic.json").read_text())
+    assert summary["settings"] == {"lines": N_LINES, "seed": 7, "shard_size": 16, "style": "iam"}
+    assert summary["summary"]["lines_written"] == N_LINES and summary["summary"]["lines_skipped"] == 0
+    assert summary["summary"]["lines_per_s"] > 0
+
+
+def test_a_killed_shard_is_redone_and_complete_ones_skipped(sharded: Path, tmp_path: Path):
+    out = tmp_path / "shards"
+    shutil.copytree(sharded, out)                                          # copy2: mtimes kept
+    killed, done = out / "train" / "shard-00001", out / "train" / "shard-00002"
+    gt, first = (killed / "gt.txt").read_bytes(), next(iter(read_gt(killed / "gt.txt")))
+    (killed / "gt.txt").unlink()                                           # as kill -9 before its last write
+    (killed / f"{first}.png").unlink()                                     # a line it had not written yet
+    (killed / ".gt.txt.tmp123").write_text("half")                         # the killed run's temp file
+    before = {p: p.stat().st_mtime_ns for p in done.iterdir()}
+    proc = prepare(out, "--workers", "1", "--shard-size", "16")
+    assert "16 lines written, 64 skipped (already complete)" in proc.stdout
+    assert (killed / "gt.txt").read_bytes() == gt and not (killed / ".gt.txt.tmp123").exists()
+    assert (killed / f"{first}.png").read_bytes() == (sharded / "train" / "shard-00001" / f"{first}.png").read_bytes()
+    assert {p: p.stat().st_mtime_ns for p in done.iterdir()} == before
+    assert json.loads((out / "synthetic.json").read_text())["summary"]["lines_skipped"] == 64
+
+
+def test_other_arguments_are_refused(sharded: Path, dataset: Path, tmp_path: Path):
+    proc = prepare(sharded, "--shard-size", "16", "--seed", "8", check=False)
+    assert proc.returncode == 2 and "written with other settings: seed 7 (now 8)" in proc.stderr
+    proc = prepare(sharded, check=False)                                   # flat into a sharded set
+    assert proc.returncode == 2 and "shard_size 16 (now None)" in proc.stderr
+    proc = prepare(dataset, "--shard-size", "16", check=False)             # sharded into a flat set
+    assert proc.returncode == 2 and "holds a flat synthetic set" in proc.stderr
+    proc = prepare(tmp_path / "new", "--shard-size", "0", check=False)
+    assert proc.returncode == 2 and "--shard-size must be at least 1" in proc.stderr
+
+
+def test_line_datasets_read_the_complete_shards(sharded: Path, tmp_path: Path, caplog):
+    train = LineDataset(sharded, "train", 32, 256, cache=False)
+    assert len(train) == 64 and len(set(train.ids)) == 64
+    out = tmp_path / "shards"
+    shutil.copytree(sharded, out)
+    (out / "train" / "shard-00003" / "gt.txt").unlink()
+    with caplog.at_level(logging.WARNING, logger="htr"):
+        train = LineDataset(out, "train", 32, 256, cache=False)
+    assert len(train) == 48 and "skipped 1 incomplete shard(s)" in caplog.text and "shard-00003" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- letters style
+def test_abbreviations_keep_case_and_punctuation_and_raise_their_ends():
+    rng = np.random.default_rng(0)
+    texts = [abbreviate("Your Master should have received it, which yours", rng) for _ in range(50)]
+    assert "Yr Mr shd have recd it, wh yrs" in texts
+    assert all(set(t) <= set(CHARSET) for t in texts)
+    assert superscript_parts("Mrs,") == ("M", "rs", ",") and superscript_parts("&c.") == ("&", "c", ".")
+    assert superscript_parts("More") is None
+
+
+def test_letters_lines_render_with_their_marks():
+    rng = np.random.default_rng(1)
+    style = Style("ttf", "caveat", 32.0, 1, 0.1, 0.5, None, "scripts", letters=True)
+    mask = render_line("Dear Mr Dyer yrs &c", style, rng)
+    assert mask.dtype == np.uint8 and mask.shape[1] > 200 and mask.max() > 128
+    mr, baseline = render_word("Mr", style, rng)
+    ys, xs = np.nonzero(mr > 127)
+    assert ys[xs > 0.7 * mr.shape[1]].max() < baseline - 0.2 * style.size                # the r is raised
+    ink = np.zeros((60, 400), np.uint8)
+    ink[20:40, 50:150] = 255
+    marked = [letter_marks(ink, 40, 30.0, np.random.default_rng(s)) for s in range(20)]
+    assert all(np.array_equal(m[20:40, 50:150], ink[20:40, 50:150]) for m in marked)   # the ink stays
+    faint = [m for m in marked if (m != ink).any()]
+    assert faint and all(m[m != ink].max() < 128 for m in faint)          # rules and bleed-through are faint
