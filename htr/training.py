@@ -93,6 +93,8 @@ class Trainer:
             self.train_set, self.val_set = self._datasets()
         init = self._init_checkpoint()
         self.charset = self._charset(resume_ckpt, init)
+        if not 0 <= cfg.train.drop_path < 1:
+            raise UserError(f"train.drop_path must be in [0, 1) (e.g. 0.1), or 0 for none; got {cfg.train.drop_path}")
         self.model = HTRNet(cfg.arch, len(self.charset), cfg.train.drop_path).requires_grad_(not self.frozen)
         self.llm = self._llm() if cfg.train.use_llm else None
         self.features = {}                                                 # the head's tap tensors of this step

@@ -47,9 +47,12 @@ def test_a_run_validates_and_ships_the_average(tiny_overrides):
     assert any(not torch.equal(last["model"][k], raw[k]) for k in raw if raw[k].is_floating_point())
 
 
-def test_a_bad_decay_names_the_key(tiny_overrides):
-    with pytest.raises(UserError, match=r"train\.ema_decay must be in \(0, 1\)"):
-        training.Trainer(load_config(CONFIG, tiny_overrides + ["train.ema_decay=1.5"]))
+@pytest.mark.parametrize("override,message", [("train.ema_decay=1.5", r"train\.ema_decay must be in \(0, 1\)"),
+                                              ("train.drop_path=1.5", r"train\.drop_path must be in \[0, 1\)"),
+                                              ("train.drop_path=-0.1", r"train\.drop_path must be in \[0, 1\)")])
+def test_a_bad_setting_names_the_key(tiny_overrides, override, message):
+    with pytest.raises(UserError, match=message):
+        training.Trainer(load_config(CONFIG, tiny_overrides + [override]))
 
 
 def test_drop_path_drops_whole_lines_and_keeps_the_mean():
