@@ -149,6 +149,12 @@ class LineImages(Sequence):
     def __getitem__(self, i: int):
         return self.folders[self.folder[i]][self.local[i]]   # numpy raises IndexError past the end: iteration stops
 
+    def select(self, keep: list) -> "LineImages":
+        """The lines at dataset indices `keep`, in that order (nothing is copied but the index)."""
+        chosen = LineImages([])
+        chosen.folders, chosen.folder, chosen.local = self.folders, self.folder[keep], self.local[keep]
+        return chosen
+
 
 def _pixels_path(index: Path) -> Path:
     return index.with_suffix(".pixels.npy")
@@ -205,6 +211,13 @@ def split_folders(split_dir: Path) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------- dataset
+
+def page_of(line_id: str) -> str:
+    """The page a line was cut from: its id without the last part (prepare_pages.py: <page>_<NNN>; IAM:
+    <form>-<NN>)."""
+    cut = max(line_id.rfind("_"), line_id.rfind("-"))
+    return line_id[:cut] if cut > 0 else line_id
+
 
 def ctc_frames(text: str) -> int:
     """Frames CTC needs for a label: one per character plus a blank between each pair of repeated characters."""
@@ -282,6 +295,19 @@ class LineDataset(Dataset):
         images, bad = _decode_all(folder, entries, self.height, self.width)
         # reopened from disk, so that a split's decoded lines never stay in memory all at once
         return _load_cache(index, entries) if _save_cache(index, images, bad) else (images, bad)
+
+    def keep_pages(self, fraction: float, seed: int) -> None:
+        """Keep only the lines of round(fraction x pages) pages, at least one, drawn with `seed`: a low-resource run
+        (data.train_fraction) that takes whole pages, as a user with fewer transcribed pages has."""
+        if not 0 < fraction <= 1:
+            raise UserError(f"data.train_fraction must be in (0, 1], got {fraction!r}")
+        pages = sorted({page_of(i) for i in self.ids})
+        chosen = set(random.Random(seed).sample(pages, max(1, round(fraction * len(pages)))))
+        keep = [k for k, line_id in enumerate(self.ids) if page_of(line_id) in chosen]
+        self.ids, self.texts = [self.ids[k] for k in keep], [self.texts[k] for k in keep]
+        self.images = self.images.select(keep)
+        log.info("%s: data.train_fraction=%g keeps %d of %d pages, %d lines", self.split_dir, fraction,
+                 len(chosen), len(pages), len(keep))
 
     def set_epoch_seed(self, seed: int) -> None:
         """Augmentation of line i in this epoch is seeded by (seed, i): set before the epoch's loader starts (the

@@ -74,6 +74,31 @@ class QFormerConnector(nn.Module):
         return prefix if self.prefix_norm is None else self.prefix_norm(prefix)
 
 
+class FrameStackConnector(nn.Module):
+    """SLAM-ASR's and LAIL's projector: every `stack` adjacent frames, concatenated, become one prefix embedding
+    through Linear + GELU + Linear (the 512 -> 1024 -> H expansion). The prefix keeps the line's reading order, one
+    embedding per ~stack frames, so the LM's own positions say where each piece of the line is and nothing has to
+    learn to find it (the Q-Former's queries must). prefix_rms: as QFormerConnector's."""
+
+    def __init__(self, llm_hidden: int, feat_dim: int = 512, stack: int = 4, proj_hidden: int = 1024,
+                 prefix_rms: float | None = None):
+        super().__init__()
+        self.stack = stack
+        self.frame_norm = nn.LayerNorm(feat_dim)
+        self.proj = nn.Sequential(nn.Linear(stack * feat_dim, proj_hidden), nn.GELU(),
+                                  nn.Linear(proj_hidden, llm_hidden))
+        self.prefix_norm = None
+        if prefix_rms is not None:
+            self.prefix_norm = nn.LayerNorm(llm_hidden)
+            nn.init.constant_(self.prefix_norm.weight, prefix_rms)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        feats = F.pad(self.frame_norm(feats), (0, 0, 0, -feats.shape[1] % self.stack))  # (B, T', C), T' = k * stack
+        stacked = feats.reshape(feats.shape[0], -1, self.stack * feats.shape[2])      # (B, T'/stack, stack * C)
+        prefix = self.proj(stacked)                                                    # (B, T'/stack, H)
+        return prefix if self.prefix_norm is None else self.prefix_norm(prefix)
+
+
 @dataclass
 class LMBatch:
     input_ids: torch.Tensor       # (B, L) token ids; the prefix slots hold pad ids, their embeddings get replaced
@@ -250,7 +275,7 @@ class FrozenCausalLM(nn.Module):
 class LLMAssist(nn.Module):
     """Auxiliary loss: Q-Former prefix from recognizer features, frozen LLM teacher-forced on the transcription."""
 
-    def __init__(self, connector: QFormerConnector, lm: FrozenCausalLM):
+    def __init__(self, connector: nn.Module, lm: FrozenCausalLM):
         super().__init__()
         self.connector = connector
         self.lm = lm
@@ -401,8 +426,20 @@ def build_llm_assist(cfg, device, feat_dim: int = 512) -> LLMAssist:
         from utils import require_cpp_compiler
         require_cpp_compiler(device, "llm.compile=true", "set llm.compile=false")
         lm.model.compile(dynamic=True)
-    connector = QFormerConnector(lm.hidden_size, feat_dim, num_queries=cfg.get("num_queries", 64),
-                                 num_layers=cfg.get("qformer_layers", 2),
-                                 frame_positions=cfg.get("frame_positions", False),
-                                 prefix_rms=lm.embedding_rms() if cfg.get("prefix_norm", False) else None)
-    return LLMAssist(connector.to(device), lm)
+    return LLMAssist(build_connector(cfg, lm, feat_dim).to(device), lm)
+
+
+def build_connector(cfg, lm: FrozenCausalLM, feat_dim: int) -> nn.Module:
+    """llm.connector: qformer (QFormerConnector, llm.num_queries) | frame_stack (FrameStackConnector, llm.frame_stack)."""
+    kind = cfg.get("connector", "qformer")
+    prefix_rms = lm.embedding_rms() if cfg.get("prefix_norm", False) else None
+    if kind == "qformer":
+        return QFormerConnector(lm.hidden_size, feat_dim, num_queries=cfg.get("num_queries", 64),
+                                num_layers=cfg.get("qformer_layers", 2),
+                                frame_positions=cfg.get("frame_positions", False), prefix_rms=prefix_rms)
+    if kind == "frame_stack":
+        stack = cfg.get("frame_stack", 4)
+        if not isinstance(stack, int) or stack < 1:
+            raise LLMLoadError(f"llm.frame_stack must be a whole number of frames >= 1, got {stack!r}")
+        return FrameStackConnector(lm.hidden_size, feat_dim, stack=stack, prefix_rms=prefix_rms)
+    raise LLMLoadError(f"llm.connector must be qformer or frame_stack, got {kind!r}")

@@ -144,6 +144,8 @@ class Trainer:
         frames = output_frames(cfg.arch.cnn_cfg, pre.image_width)
         train = LineDataset(root, "train", pre.image_height, pre.image_width, cfg.data.cache, cfg.train.augment,
                             max_frames=frames)
+        if cfg.data.train_fraction != 1:
+            train.keep_pages(cfg.data.train_fraction, cfg.seed)
         val = LineDataset(root, "val", pre.image_height, pre.image_width, cfg.data.cache) \
             if (root / "val").is_dir() else None
         if val is None:

@@ -169,3 +169,33 @@ def test_sharded_splits_train_with_the_union_charset(tmp_path, caplog):
         t = training.Trainer(load_config(ROOT / "config.yaml", overrides))
     assert t.charset.chars == "abcd" and len(t.train_set) == 8 and len(t.val_set) == 2
     assert "1 character(s) of the val split never occur in training and count as errors: 'e'" in caplog.text
+
+
+def test_train_fraction_keeps_whole_pages_drawn_by_seed(tmp_path, caplog):
+    """data.train_fraction: the lines of round(fraction x pages) pages (ids <page>_<NNN> as prepare_pages.py writes
+    them), the same pages for the same seed, every line of a chosen page, and (0, 1] checked."""
+    d = write_split(tmp_path, "train", ["ab", "cd", "abc", "dab", "bad", "cab", "dd", "ba"])
+    gt = [line.split(" ", 1) for line in (d / "gt.txt").read_text().splitlines()]
+    renamed = []
+    for k, (old, text) in enumerate(gt):                               # 4 pages of 2 lines: p0_000, p0_001, p1_000 ...
+        new = f"p{k // 2}_{k % 2:03d}"
+        (d / f"{old}.png").rename(d / f"{new}.png")
+        renamed.append(f"{new} {text}")
+    (d / "gt.txt").write_text("\n".join(renamed) + "\n")
+
+    def kept(fraction, seed):
+        ds = LineDataset(tmp_path, "train", 32, 256, cache=False)
+        ds.keep_pages(fraction, seed)
+        assert [ds[k][1] for k in range(len(ds))] == ds.texts            # images follow their ids
+        return ds.ids
+
+    with caplog.at_level(logging.INFO, logger="htr"):
+        half = kept(0.5, seed=1)
+    assert "data.train_fraction=0.5 keeps 2 of 4 pages, 4 lines" in caplog.text
+    assert sorted({dataset.page_of(i) for i in half}) != ["p0", "p1", "p2", "p3"] and len(half) == 4
+    assert all(f"{dataset.page_of(i)}_{n:03d}" in half for i in half for n in (0, 1))  # whole pages
+    assert kept(0.5, seed=1) == half and len(kept(0.1, seed=1)) == 2 and len(kept(1.0, seed=1)) == 8
+    assert {tuple(kept(0.5, seed)) for seed in range(6)} != {tuple(half)}                # the seed draws them
+    assert dataset.page_of("a01-000u-00") == "a01-000u" and dataset.page_of("JDH_2_16_96_003_009") == "JDH_2_16_96_003"
+    with pytest.raises(UserError, match=r"data.train_fraction must be in \(0, 1\], got 0"):
+        kept(0, seed=1)

@@ -225,14 +225,16 @@ def one_hot_frames(texts, frames: int = 16) -> torch.Tensor:
     return feats
 
 
-def test_connector_learns_to_read_the_line_not_just_the_set(model_dirs):
+@pytest.mark.parametrize("connector", [{"connector": "qformer", "frame_positions": True},
+                                       {"connector": "frame_stack", "frame_stack": 2}], ids=["qformer", "frame_stack"])
+def test_connector_learns_to_read_the_line_not_just_the_set(model_dirs, connector):
     """Lines of the same characters in another order: the connector must tell them apart by where each character
     is. L_LLM has to fall below the shuffled-prefix loss (another line's prefix), not only below text-only, and the
     frozen LM's greedy reading from the prefix alone has to improve on that of the untrained connector."""
     from htr.metrics import corpus_cer
     torch.manual_seed(0)
     feats = one_hot_frames(ANAGRAMS)
-    assist = make_assist(model_dirs / "tiny-llama", feats.shape[2], frame_positions=True, prefix_norm=True)
+    assist = make_assist(model_dirs / "tiny-llama", feats.shape[2], prefix_norm=True, **connector)
     before = corpus_cer(ANAGRAMS, assist.eval().read(feats, max_new_tokens=12))
     opt = torch.optim.AdamW(assist.trainable_parameters(), lr=1e-3)
     for _ in range(250):
@@ -255,6 +257,28 @@ def test_connector_without_frame_positions_is_blind_to_frame_order(model_dirs):
         connector = make_assist(model_dirs / "tiny-llama", feats.shape[2], frame_positions=positions).connector.eval()
         with torch.no_grad():
             assert torch.allclose(connector(feats), connector(feats[:, perm]), atol=1e-5) == same, positions
+
+
+def test_frame_stack_keeps_reading_order_one_embedding_per_stack(model_dirs):
+    """llm.connector=frame_stack: ceil(T / stack) embeddings (the last stack zero-padded), each from its own frames
+    only, so the prefix follows the line: changing frame t changes embedding t // stack and no other."""
+    connector = make_assist(model_dirs / "tiny-llama", connector="frame_stack", frame_stack=3).connector.eval()
+    feats = torch.randn(2, T, D)                                                      # T = 16 -> 6 embeddings
+    with torch.no_grad():
+        prefix = connector(feats)                                                     # (B, 6, H)
+        changed = feats.clone()
+        changed[:, 7] = torch.randn(2, D)                                                  # frame 7: embedding 2
+        moved = (connector(changed) - prefix).abs().amax(dim=(0, 2))                  # (6,)
+    assert prefix.shape == (2, 6, make_assist(model_dirs / "tiny-llama").lm.hidden_size)
+    assert moved[2] > 1e-3 and torch.all(moved[[0, 1, 3, 4, 5]] == 0), moved
+
+
+@pytest.mark.parametrize("extra, message", [({"connector": "linear"}, "llm.connector must be qformer or frame_stack"),
+                                            ({"connector": "frame_stack", "frame_stack": 0},
+                                             "llm.frame_stack must be a whole number of frames >= 1")])
+def test_connector_settings_are_checked(model_dirs, extra, message):
+    with pytest.raises(LLMLoadError, match=message):
+        make_assist(model_dirs / "tiny-llama", **extra)
 
 
 def test_prefix_norm_starts_on_the_lm_embedding_scale(model_dirs):
