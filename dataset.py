@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import cv2
 import numpy as np
@@ -425,15 +426,40 @@ def line_loader(dataset, charset: Charset, batch_size: int = 1, batch_sampler=No
                       pin_memory=pin_memory)
 
 
+class AudioBatch(NamedTuple):
+    waves: torch.Tensor                   # (B, S) float32 at 16 kHz, zero-padded to the longest reading
+    lengths: torch.Tensor                 # (B,) samples of each line's reading; 0 = none
+
+    @classmethod
+    def of(cls, waves) -> "AudioBatch":
+        """From a list of (samples,) arrays or None (a line without audio)."""
+        lengths = torch.tensor([0 if w is None else len(w) for w in waves], dtype=torch.long)
+        batch = torch.zeros(len(waves), max(int(lengths.max()), 1))
+        for row, w in zip(batch, waves):
+            if w is not None:
+                row[:len(w)] = torch.from_numpy(w)
+        return cls(batch, lengths)
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor                  # (B, 1, H, W)
+    targets: torch.Tensor                 # (sum of lengths,) concatenated CTC targets
+    lengths: torch.Tensor                 # (B,)
+    texts: list
+    ids: list
+    audio: Optional[AudioBatch]           # readings, when the dataset has them (htr.audio.SpokenLines)
+
+
 class Collate:
-    """Batch items into images (B, 1, H, W), concatenated CTC targets, their lengths, texts and ids."""
+    """Batch items (image, text, id[, wave]) into a Batch."""
 
     def __init__(self, charset: Charset):
         self.charset = charset
 
-    def __call__(self, batch):
-        images, texts, ids = zip(*batch)
+    def __call__(self, batch) -> Batch:
+        images, texts, ids, *waves = zip(*batch)
         encoded = [self.charset.encode(t) for t in texts]
         targets = torch.tensor([c for e in encoded for c in e], dtype=torch.long)
         lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
-        return torch.stack(images), targets, lengths, list(texts), list(ids)
+        return Batch(torch.stack(images), targets, lengths, list(texts), list(ids),
+                     AudioBatch.of(waves[0]) if waves else None)

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from htr.audio_model import AudioEncoder, CrossModalFusion
+
 
 def drop_path(x, p: float, training: bool):
     """Stochastic depth (Huang et al., 2016): each line's residual branch dropped with probability p in training, the
@@ -198,17 +200,43 @@ class CTCtopB(nn.Module):
 
 
 class HTRNet(nn.Module):
-    """HybridBackbone + CTCtopB: (B, 1, H, W) line images -> CTCOutput."""
+    """HybridBackbone (+ AudioEncoder and CrossModalFusion with arch.audio.enabled) + CTCtopB: (B, 1, H, W) line
+    images, and optionally their readings (dataset.AudioBatch), -> CTCOutput. Without arch.audio.enabled the model
+    has no audio modules at all: its weights are exactly those of a model built before the audio branch existed."""
 
     def __init__(self, arch, n_classes: int, drop_path: float = 0.0):
         super().__init__()
         self.backbone = HybridBackbone(arch.cnn_cfg, dict(arch.mobilevit), arch.flattening, arch.stem_channels,
                                        drop_path)
-        self.head = CTCtopB(self.backbone.out_channels, n_classes, arch.head_type, arch.rnn_type,
-                            arch.rnn_layers, arch.rnn_hidden_size, arch.rnn_dropout)
+        width = self.backbone.out_channels
+        audio = arch.get("audio")
+        if audio is not None and audio.enabled:
+            self.audio_encoder = AudioEncoder(width, audio.n_mels, audio.channels, audio.hidden, audio.layers)
+            self.fusion = CrossModalFusion(width, audio.heads, audio.dropout)
+        self.head = CTCtopB(width, n_classes, arch.head_type, arch.rnn_type, arch.rnn_layers, arch.rnn_hidden_size,
+                            arch.rnn_dropout)
 
-    def forward(self, x) -> CTCOutput:
-        return self.head(self.backbone(x))
+    @property
+    def has_audio(self) -> bool:
+        return hasattr(self, "fusion")
+
+    def forward(self, x, audio=None, image_on=None, audio_on=None) -> CTCOutput:
+        """audio: dataset.AudioBatch or None; image_on / audio_on (B,) bool (htr.audio_model.modality_masks),
+        default: the image of every line and the audio of those that have it."""
+        feats = self.backbone(x)                                           # (B, C, 1, T)
+        if audio is not None and self.has_audio:
+            feats = self.fuse(feats, audio, image_on, audio_on)
+        return self.head(feats)
+
+    def fuse(self, feats, audio, image_on=None, audio_on=None):
+        """Visual features (B, C, 1, T) fused with the audio frames -> (B, C, 1, T)."""
+        has = audio.lengths.to(feats.device) > 0                           # (B,)
+        image_on = torch.ones_like(has) if image_on is None else image_on.to(feats.device)
+        audio_on = has if audio_on is None else audio_on.to(feats.device) & has
+        heard, n = self.audio_encoder(audio.waves.to(feats.device), audio.lengths.to(feats.device))
+        frames = feats.squeeze(2).transpose(1, 2)                          # (B, T, C)
+        fused = self.fusion(frames, heard.to(frames.dtype), n, image_on, audio_on)
+        return fused.transpose(1, 2).unsqueeze(2)                          # (B, C, 1, T)
 
     def tap_width(self, tap: str) -> int:
         """Width C of the (B, T, C) features `tap` (train.llm_tap); ValueError naming the taps this head has."""
@@ -250,12 +278,14 @@ class HTRNet(nn.Module):
         self.load_state_dict(own)
 
 
-def ctc_loss(logits: torch.Tensor, targets, target_lengths) -> torch.Tensor:
-    """CTC (sum over the batch, zero_infinity) / batch size, always in fp32. logits (T, B, K)."""
+def ctc_loss(logits: torch.Tensor, targets, target_lengths, per_line: bool = False) -> torch.Tensor:
+    """CTC (sum over the batch, zero_infinity) / batch size, always in fp32; per_line: the (B,) losses themselves.
+    logits (T, B, K)."""
     T, B, _ = logits.shape
     log_probs = logits.float().log_softmax(2)                              # (T, B, K)
     input_lengths = torch.full((B,), T, dtype=torch.long)
-    return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="sum", zero_infinity=True) / B
+    lines = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none", zero_infinity=True)
+    return lines if per_line else lines.sum() / B
 
 
 def fuse_conv_bn(model: nn.Module) -> nn.Module:

@@ -293,11 +293,20 @@ def load_checkpoint(path, keys=INFERENCE_KEYS) -> dict:
     return ckpt
 
 
+def comparable(section: str, key: str, value):
+    """A setting as check_compatible compares it: an audio branch that is off (or absent: checkpoints from before
+    it) is one and the same whatever its other settings."""
+    if (section, key) == ("arch", "audio") and not (value or {}).get("enabled"):
+        return None
+    return value
+
+
 def check_compatible(ckpt: dict, cfg: DictConfig, path, texts=None, sections=("arch", "preproc")) -> None:
     """Fail with what differs when a checkpoint does not match the config's `sections`, or when training `texts`
     hold characters the checkpoint's charset lacks."""
     diffs = [f"{section}.{k}: checkpoint {ckpt[section].get(k)!r} vs config {v!r}"
-             for section in sections for k, v in to_plain(cfg[section]).items() if ckpt[section].get(k) != v]
+             for section in sections for k, v in to_plain(cfg[section]).items()
+             if comparable(section, k, ckpt[section].get(k)) != comparable(section, k, v)]
     if diffs:
         raise UserError(f"checkpoint {path} was trained with another architecture: " + "; ".join(diffs)
                         + ". Use the config it was trained with (saved as config.yaml in its run directory).")

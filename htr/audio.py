@@ -3,15 +3,17 @@ written by prepare_speech.py), as float32 mono at 16 kHz; which lines of a split
 Bad files are an AudioError (a UserError naming the file) for the caller to skip and log; clipping is a warning."""
 import functools
 import logging
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import soundfile
 import torch
+import torch.nn.functional as F
 from scipy.signal import resample_poly
 
-from dataset import split_folders
+from dataset import LineDataset, split_folders
 from utils import UserError
 
 log = logging.getLogger("htr")
@@ -132,6 +134,55 @@ def audio_for_split(split_dir, audio_dir=None) -> dict:
     return found
 
 
+class SpokenLines(LineDataset):
+    """A LineDataset whose items also carry the line's reading: (image, text, id, wave (samples,) float32 at 16 kHz
+    or None). The audio lies beside the images, or with `audio_dir` under audio_dir/<split>/ (prepare_speech.py
+    --out). A reading that cannot be used (AudioError, check_duration) is skipped with one warning per file: the
+    line is then read from its image alone."""
+
+    def __init__(self, root, split: str, *args, audio_dir=None, **kwargs):
+        super().__init__(root, split, *args, **kwargs)
+        if audio_dir is not None and not (Path(audio_dir) / split).is_dir():
+            raise UserError(f"data.audio_dir={audio_dir} has no {split}/ folder: give the --out folder of "
+                            f"prepare_speech.py (audio in <dir>/<split>/<id>.wav), or leave it empty for audio "
+                            f"beside the images")
+        self.audio = audio_for_split(self.split_dir, Path(audio_dir) / split if audio_dir else None)
+        self.unusable = set()                                          # files already reported by this process
+
+    def reading(self, i: int):
+        path = self.audio.get(self.ids[i])
+        if path is None or path in self.unusable:
+            return None
+        try:
+            wave = read_audio(path)
+            check_duration(len(wave) / SAMPLE_RATE, self.texts[i], path)
+            return wave
+        except AudioError as e:
+            self.unusable.add(path)
+            log.warning("%s. Line %s is read from its image alone", e, self.ids[i])
+            return None
+
+    def __getitem__(self, i):
+        return (*super().__getitem__(i), self.reading(i))
+
+
+def find_reading(folder: Path, line_id: str, page: str | None = None) -> Path | None:
+    """A line's reading in a folder of per-line audio (transcribe.py --audio): <page>/<line id>.wav, else
+    <line id>.wav (.flac as well), or None."""
+    places = ([folder / page] if page else []) + [folder]
+    return next((p for place in places for s in AUDIO_SUFFIXES if (p := place / f"{line_id}{s}").is_file()), None)
+
+
+def open_split(cfg, split: str, augment: bool = False, max_frames: int | None = None) -> LineDataset:
+    """data.path/<split> as the model reads it: a LineDataset, or SpokenLines (with their readings) when the model
+    has the audio branch (arch.audio.enabled)."""
+    pre, audio = cfg.preproc, cfg.arch.get("audio")
+    args = (cfg.data.path, split, pre.image_height, pre.image_width, cfg.data.cache, augment, max_frames)
+    if audio is not None and audio.enabled:
+        return SpokenLines(*args, audio_dir=cfg.data.get("audio_dir"))
+    return LineDataset(*args)
+
+
 # ------------------------------------------------------------------------------------------------ features
 def mel_frequencies(n_mels: int, f_min: float, f_max: float) -> np.ndarray:
     """n_mels + 2 frequencies (Hz) evenly spaced on the HTK mel scale: the filters' edges and centres."""
@@ -148,14 +199,24 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, f_min: float, f_ma
     return torch.clamp(torch.minimum(rising, falling), min=0)
 
 
+def dft_basis(n_fft: int) -> torch.Tensor:
+    """(2F, 1, n_fft) Hann-windowed cosines and sines of the F = n_fft // 2 + 1 bins: a Conv1d weight that computes
+    the short-time Fourier transform (exportable to ONNX, where torch.stft's complex output is not)."""
+    t, k = torch.arange(n_fft).float(), torch.arange(n_fft // 2 + 1).float()[:, None]
+    angle = 2 * math.pi * k * t / n_fft                                                 # (F, n_fft)
+    return (torch.cat([angle.cos(), -angle.sin()]) * torch.hann_window(n_fft))[:, None]
+
+
 def log_mel(wave, sample_rate: int = SAMPLE_RATE, n_mels: int = 80, n_fft: int = 400, hop: int = 160,
             f_min: float = 0.0, f_max: float | None = None) -> torch.Tensor:
     """Natural-log mel power spectrogram: (..., samples) -> (..., n_mels, frames), frames = samples // hop + 1
-    (25 ms Hann windows every 10 ms at 16 kHz, centred); powers below 1e-10 are clamped."""
+    (25 ms Hann windows every 10 ms at 16 kHz, centred, zeros beyond the ends: a wave zero-padded in a batch keeps
+    the frames it has alone); powers below 1e-10 are clamped. The transform is a convolution with dft_basis."""
     wave = torch.as_tensor(wave, dtype=torch.float32)
-    flat = wave.reshape(-1, wave.shape[-1])                                             # (B, samples)
-    spec = torch.stft(flat, n_fft, hop, window=torch.hann_window(n_fft, device=wave.device),
-                      return_complex=True)                                              # (B, F, frames)
+    flat = F.pad(wave.reshape(-1, 1, wave.shape[-1]), (n_fft // 2, n_fft // 2))         # (B, 1, samples + n_fft)
+    spec = F.conv1d(flat, dft_basis(n_fft).to(wave.device), stride=hop)                 # (B, 2F, frames)
+    bins = n_fft // 2 + 1
+    power = spec[:, :bins] ** 2 + spec[:, bins:] ** 2                                   # (B, F, frames)
     bank = mel_filterbank(n_mels, n_fft, sample_rate, f_min, f_max or sample_rate / 2).to(wave.device)
-    mel = bank @ spec.abs() ** 2                                                        # (B, n_mels, frames)
+    mel = bank @ power                                                                  # (B, n_mels, frames)
     return torch.log(mel.clamp(min=1e-10)).reshape(*wave.shape[:-1], n_mels, -1)

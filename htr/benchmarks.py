@@ -168,9 +168,8 @@ def measure_loader(cfg, workers: list, lines: int) -> dict:
         sampler = EpochBatchSampler(len(data), cfg.train.batch_size, cfg.seed)
         steps = min(sampler.steps_per_epoch, math.ceil(lines / cfg.train.batch_size))
         t0, seen = time.perf_counter(), 0
-        for _, _, _, texts, _ in itertools.islice(line_loader(data, charset, batch_sampler=sampler, workers=n),
-                                                  steps):
-            seen += len(texts)
+        for batch in itertools.islice(line_loader(data, charset, batch_sampler=sampler, workers=n), steps):
+            seen += len(batch.texts)
         report[f"lines_per_s_{n}_workers"] = round(seen / (time.perf_counter() - t0), 1)
     return report
 

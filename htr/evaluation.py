@@ -9,8 +9,11 @@ from pathlib import Path
 
 import torch
 from rapidfuzz.distance import Levenshtein
+from torch.utils.data import Subset
 
 from dataset import LineDataset, line_loader, read_gt, worker_count
+from htr.audio import open_split
+from htr.audio_model import MODES
 from htr.inference import predict
 from htr.metrics import error_rates
 from htr.model_folder import LM
@@ -158,7 +161,7 @@ def unknown_chars(data: LineDataset, charset) -> str:
 
 
 def make_loader(cfg, split: str, charset):
-    data = LineDataset(cfg.data.path, split, cfg.preproc.image_height, cfg.preproc.image_width, cfg.data.cache)
+    data = open_split(cfg, split)
     unknown = unknown_chars(data, charset)
     if unknown:
         log.warning("%d character(s) of %s/%s are not in the model's charset and count as errors: %r",
@@ -167,10 +170,28 @@ def make_loader(cfg, split: str, charset):
                        workers=worker_count(cfg.eval.num_workers, "eval.num_workers"))
 
 
-def infer(cfg, model, loader, charset) -> dict:
+def infer(cfg, model, loader, charset, modality: str = "both") -> dict:
     """predict() as evaluation runs it: channels_last, autocast per eval.mixed_precision (PyTorch runtime)."""
     return predict(model, loader, charset, channels_last=True,
-                   autocast_dtype=autocast_dtype(cfg.eval.mixed_precision, resolve_device(cfg.device)))
+                   autocast_dtype=autocast_dtype(cfg.eval.mixed_precision, resolve_device(cfg.device)),
+                   modality=modality)
+
+
+def modality_report(cfg, model, data, charset) -> dict:
+    """The audio branch's comparison: greedy CER/WER of the lines that have a reading, read from the image alone,
+    the reading alone and both ({} for a model or data without audio)."""
+    if not (getattr(model, "has_audio", False) and getattr(data, "audio", None)):
+        return {}
+    spoken = Subset(data, [k for k, i in enumerate(data.ids) if i in data.audio])
+    loader = line_loader(spoken, charset, batch_size=cfg.eval.batch_size,
+                         workers=worker_count(cfg.eval.num_workers, "eval.num_workers"))
+    report = {"lines": len(spoken)}
+    for mode in MODES:
+        out = infer(cfg, model, loader, charset, mode)
+        report[mode] = error_rates(out["refs"], out["hyps"], cfg.eval.wer_mode)
+        log.info("%d lines with a reading, read from %s: CER %.4f WER %.4f", len(spoken),
+                 {"both": "image + audio"}.get(mode, f"the {mode} alone"), report[mode]["cer"], report[mode]["wer"])
+    return report
 
 
 def data_name(path) -> str:
@@ -223,6 +244,9 @@ def evaluate(cfg, checkpoint) -> dict:
               "unknown_chars": unknown_chars(data, charset)}
     if cfg.decode.mode == "beam":
         report["beam_settings"] = beam_decode(cfg, model, charset, out, checkpoint)
+    modalities = modality_report(cfg, model, data, charset)
+    if modalities:
+        report["modalities"] = modalities
     modes = [m for m in ("greedy", "beam", "llm") if m in out]
     for mode in modes:
         report[mode] = error_rates(out["refs"], out[mode], cfg.eval.wer_mode)

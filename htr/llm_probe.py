@@ -12,7 +12,7 @@ from utils import Charset, UserError, autocast_dtype, check_compatible, load_che
 
 
 def probe_batch(model, assist, batch, tap: str, alpha: float, dtype) -> dict:
-    images, targets, lengths, texts, _ = batch
+    images, targets, lengths, texts = batch[:4]
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         out = model(images.to(device))

@@ -1,5 +1,5 @@
-"""Training the recognizer (and the LLM path's connector): the learning-rate schedule, the stage's config, the
-Trainer (data, model, optimizer, checkpoints, validation, stop signals) and `train`, what trainer.py runs."""
+"""Training the recognizer (and the LLM path's connector): the Trainer (data, model, optimizer, checkpoints,
+validation, stop signals) and `train`, what trainer.py runs; the schedule and the stage's config are htr/recipe.py's."""
 import json
 import logging
 import math
@@ -16,9 +16,12 @@ from omegaconf import OmegaConf
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from dataset import STOP_SIGNALS, EpochBatchSampler, LineDataset, line_loader, worker_count
+from dataset import STOP_SIGNALS, EpochBatchSampler, line_loader, worker_count
+from htr.audio import open_split
+from htr.audio_model import loss_per_mix, mix_names, modality_dropout
 from htr.inference import predict
 from htr.metrics import corpus_cer, error_counts, rates
+from htr.recipe import lr_factor, stage_config
 from htr.runlog import RunLog
 from htr.weight_ema import WeightEMA
 from models import HTRNet, ctc_loss, output_frames, parameter_report
@@ -27,38 +30,6 @@ from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype
                    set_torch_threads, to_plain, train_memory_format, use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
-
-
-def lr_factor(step: int, steps_per_epoch: int, cfg_train) -> float:
-    """Linear warm-up, then 'mstep' (x0.1 at 50% and 75% of the optimizer steps), 'cosine' or 'none'."""
-    warm = min(1.0, (step + 1) / cfg_train.warmup_steps) if cfg_train.warmup_steps else 1.0
-    total = cfg_train.num_epochs * steps_per_epoch
-    if cfg_train.scheduler == "mstep":
-        return warm * 0.1 ** sum(step >= f * total for f in (0.5, 0.75))
-    if cfg_train.scheduler == "cosine":
-        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
-    if cfg_train.scheduler == "none":
-        return warm
-    raise UserError(f"train.scheduler must be mstep, cosine or none, got {cfg_train.scheduler!r}")
-
-
-def stage_config(cfg):
-    """train.stage=align: the connector alone, on a frozen recognizer, every line through the LM, with the align.*
-    budget and learning rate; the returned config is what the run records. train.stage=joint: cfg as it is."""
-    stage = cfg.train.stage
-    if stage == "joint":
-        return cfg
-    if stage != "align":
-        raise UserError(f"train.stage must be joint or align, got {stage!r}")
-    if not (cfg.train.init_from or cfg.resume):
-        raise UserError("train.stage=align trains the connector on a trained recognizer, which stays frozen: give "
-                        "train.init_from=RUN/best.pt (or resume= an align run's last.pt)")
-    if cfg.train.llm_val_lines <= 0:
-        raise UserError("train.stage=align keeps as best.pt the connector with the lowest val L_LLM: set "
-                        "train.llm_val_lines > 0 (e.g. 64)")
-    align = {"use_llm": True, "llm_sample_ratio": 1.0, "num_epochs": cfg.align.num_epochs, "llm_lr": cfg.align.lr,
-             "warmup_steps": cfg.align.warmup_steps}
-    return OmegaConf.merge(cfg, {"train": align})
 
 
 def git_commit() -> str:
@@ -141,13 +112,10 @@ class Trainer:
         if not root.is_dir():
             raise UserError(f"data.path {root} does not exist; prepare data with prepare_iam.py, prepare_pages.py "
                             f"or prepare_synthetic.py, or set data.path=DIR")
-        frames = output_frames(cfg.arch.cnn_cfg, pre.image_width)
-        train = LineDataset(root, "train", pre.image_height, pre.image_width, cfg.data.cache, cfg.train.augment,
-                            max_frames=frames)
+        train = open_split(cfg, "train", cfg.train.augment, output_frames(cfg.arch.cnn_cfg, pre.image_width))
         if cfg.data.train_fraction != 1:
             train.keep_pages(cfg.data.train_fraction, cfg.seed)
-        val = LineDataset(root, "val", pre.image_height, pre.image_width, cfg.data.cache) \
-            if (root / "val").is_dir() else None
+        val = open_split(cfg, "val") if (root / "val").is_dir() else None
         if val is None:
             log.warning("no %s/val split: training without validation (best.pt is not written)", root)
         return train, val
@@ -325,15 +293,22 @@ class Trainer:
             stop = bool(self.acc.reduce(torch.tensor([float(stop)], device=self.acc.device), "sum").item())
         return stop
 
-    def loss(self, images, targets, lengths, texts) -> dict:
+    def loss(self, batch) -> dict:
         """L = L_CTC + shortcut_weight * L_shortcut + α * L_LLM (align stage: L_LLM alone). L_CTC is summed per
-        line; `ctc_per_char` (per target character, the scale of L_LLM's per-token mean) is logged beside it."""
+        line; `ctc_per_char` (per target character, the scale of L_LLM's per-token mean) is logged beside it, and
+        with the audio branch the CTC loss of the lines read from each modality mix (ctc_image, ctc_audio, ...)."""
+        images, targets, lengths, texts = batch.images.to(self.acc.device, non_blocking=True), *batch[1:4]
+        images = images.contiguous(memory_format=self.fmt)
+        masks = self._modalities(batch.audio)
         with torch.set_grad_enabled(not self.frozen):
-            out = self.model(images)
+            out = self.model(images, batch.audio, *masks)
         losses = {}
         if not self.frozen:
-            losses["ctc"] = ctc_loss(out.logits, targets, lengths)
+            per_line = ctc_loss(out.logits, targets, lengths, per_line=True)           # (B,)
+            losses["ctc"] = per_line.sum() / len(texts)
             losses["ctc_per_char"] = losses["ctc"].detach() * len(texts) / lengths.sum().clamp_min(1)
+            if masks:
+                losses.update(loss_per_mix(per_line.detach(), mix_names(*masks)))
             if out.shortcut is not None and self.cfg.train.shortcut_weight:
                 losses["shortcut"] = ctc_loss(out.shortcut, targets, lengths)
         total = losses.get("ctc", 0.0) + self.cfg.train.shortcut_weight * losses.get("shortcut", 0.0)
@@ -346,6 +321,13 @@ class Trainer:
             total = total + (1.0 if self.frozen else self._llm_alpha()) * losses["llm"]
         losses["total"] = total
         return losses
+
+    def _modalities(self, audio) -> tuple:
+        """(image_on, audio_on) of this batch's lines by train.modality_dropout; () without readings."""
+        if audio is None or not self.acc.unwrap_model(self.model).has_audio:
+            return ()
+        drop = self.cfg.train.modality_dropout
+        return modality_dropout(audio.lengths > 0, drop.image_only, drop.audio_only)
 
     def _llm_alpha(self) -> float:
         warm = self.cfg.train.llm_alpha_warmup_steps
@@ -373,12 +355,11 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.epoch_step)
         self.train_set.set_epoch_seed(self.cfg.seed * 1_000_003 + self.epoch)
         steps = self.sampler.steps_per_epoch
-        sums, lines, t0 = {}, 0, time.perf_counter()
+        sums, counts, lines, t0 = {}, {}, 0, time.perf_counter()
         bar = tqdm(total=steps, initial=self.epoch_step, desc=f"epoch {self.epoch + 1}", leave=False,
                    disable=not self.acc.is_main_process)
-        for images, targets, lengths, texts, _ in self._batches():
-            images = images.to(self.acc.device, non_blocking=True).contiguous(memory_format=self.fmt)
-            losses = self.loss(images, targets, lengths, texts)
+        for batch in self._batches():
+            losses, texts = self.loss(batch), batch.texts
             self.optimizer.zero_grad(set_to_none=True)
             self.acc.backward(losses["total"])
             for params, _, max_norm in self.clip_groups:
@@ -393,7 +374,8 @@ class Trainer:
             if self.llm is not None and not self.frozen:
                 values.update(self.tap_grads.stats)                        # the two gradients at the tap
             for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v * len(texts)
+                if not math.isnan(v):                                      # a modality mix this batch lacks
+                    sums[k], counts[k] = sums.get(k, 0.0) + v * len(texts), counts.get(k, 0) + len(texts)
             self.runlog.record_step(self.step, {**values, "lr": self.scheduler.get_last_lr()[0]})
             bar.update()
             bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("ctc", "llm", "total")},
@@ -403,7 +385,7 @@ class Trainer:
                 bar.close()
                 return None
         bar.close()
-        stats = {f"train_{k}": v / max(lines, 1) for k, v in sums.items()}
+        stats = {f"train_{k}": v / counts[k] for k, v in sums.items()}
         stats.update(lines_per_s=lines / (time.perf_counter() - t0), lr=self.scheduler.get_last_lr()[0])
         return stats
 
@@ -433,11 +415,11 @@ class Trainer:
         model, assist = self.acc.unwrap_model(self.model).eval(), self.acc.unwrap_model(self.llm).eval()
         lines = Subset(self.val_set, range(min(self.cfg.train.llm_val_lines, len(self.val_set))))
         feats, texts = [], []
-        for images, _, _, batch_texts, _ in line_loader(lines, self.charset, batch_size=self.cfg.eval.batch_size):
+        for batch in line_loader(lines, self.charset, batch_size=self.cfg.eval.batch_size):
             with self.acc.autocast():
-                out = model(images.to(self.acc.device).contiguous(memory_format=self.fmt))
+                out = model(batch.images.to(self.acc.device).contiguous(memory_format=self.fmt), batch.audio)
             feats.append(out.features[self.cfg.train.llm_tap].float())
-            texts += batch_texts
+            texts += batch.texts
         feats = torch.cat(feats)                                           # (N, T, C)
         stats = assist.diagnostics(feats, texts)
         longest = max(len(ids) for ids in assist.lm.encode(texts))

@@ -70,7 +70,8 @@ def test_items_and_collate(tmp_path):
     ds.set_epoch_seed(0)
     img, text, line_id = ds[1]
     assert img.shape == (1, 32, 256) and img.dtype == torch.float32 and 0 <= img.min() <= img.max() <= 1
-    images, targets, lengths, texts, ids = Collate(Charset("abd"))([ds[0], ds[1]])
+    images, targets, lengths, texts, ids, audio = Collate(Charset("abd"))([ds[0], ds[1]])
+    assert audio is None
     assert images.shape == (2, 1, 32, 256)
     assert targets.tolist() == [1, 2, 2, 1, 3] and lengths.tolist() == [2, 3]
 

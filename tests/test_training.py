@@ -7,6 +7,7 @@ import torch
 from htr import training
 from conftest import ROOT, write_split
 from htr.evaluation import evaluate
+from htr.recipe import lr_factor
 from utils import UserError, load_checkpoint, load_config
 
 CONFIG = ROOT / "config.yaml"
@@ -139,7 +140,7 @@ def test_charset_comes_from_the_training_split_only(tiny_overrides, tiny_data, c
 
 def test_lr_schedule_counts_optimizer_steps(tiny_overrides):
     t, _ = train(tiny_overrides + ["train.num_epochs=1", "train.batch_size=1", "train.scheduler=mstep"])
-    lrs = [t.cfg.train.lr * training.lr_factor(s, 8, t.cfg.train) for s in range(8)]
+    lrs = [t.cfg.train.lr * lr_factor(s, 8, t.cfg.train) for s in range(8)]
     assert lrs == pytest.approx([3e-3] * 4 + [3e-4] * 2 + [3e-5] * 2)      # x0.1 at 50 % and 75 % of 8 steps
     assert t.runlog.rows[-1]["lr"] == pytest.approx(3e-5)
 
