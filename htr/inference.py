@@ -7,6 +7,9 @@ import numpy as np
 import torch
 from omegaconf import open_dict
 
+from dataset import AudioBatch
+from htr.audio import read_audio
+from htr.audio_model import modality_masks
 from htr.decoding import greedy_decode, line_confidence
 from htr.images import load_for_inference
 from htr.model_folder import CHARSET, WEIGHTS, model_folder, read_model_folder
@@ -64,26 +67,31 @@ def load_weights(model: HTRNet, state: dict, weights_source, charset_source) -> 
 
 
 @torch.inference_mode()
-def line_log_probs(model, images: torch.Tensor, channels_last: bool = False, autocast_dtype=None) -> list:
-    """Images (B, 1, H, W) -> B arrays of CTC log-probabilities (T, K), float32 numpy, blank = class 0.
-    `model` is an HTRNet or an onnx_runtime.OnnxRecognizer."""
+def line_log_probs(model, images: torch.Tensor, channels_last: bool = False, autocast_dtype=None, audio=None,
+                   modality: str = "both") -> list:
+    """Images (B, 1, H, W) -> B arrays of CTC log-probabilities (T, K), float32 numpy, blank = class 0; with
+    `audio` (dataset.AudioBatch) read from `modality` (htr.audio_model.MODES). `model` is an HTRNet or an
+    onnx_runtime.OnnxRecognizer."""
     if not isinstance(model, torch.nn.Module):
-        return model.log_probs(images)
+        return model.log_probs(images, audio, modality)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     device = next(model.parameters()).device
     images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+    masks = modality_masks(audio.lengths > 0, modality) if audio is not None else ()
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(images).logits                                      # (T, B, K)
+        logits = model(images, audio, *masks).logits                       # (T, B, K)
     return list(logits.float().log_softmax(-1).transpose(0, 1).cpu().numpy())
 
 
-def predict(model, loader, charset: Charset, channels_last: bool = False, autocast_dtype=None) -> dict:
-    """Greedy transcriptions, confidences and log-probs for a loader of Collate batches."""
+def predict(model, loader, charset: Charset, channels_last: bool = False, autocast_dtype=None,
+            modality: str = "both") -> dict:
+    """Greedy transcriptions, confidences and log-probs for a loader of Collate batches, the lines' readings (if
+    any) used as `modality` says."""
     out = {"ids": [], "refs": [], "log_probs": []}
-    for images, _, _, texts, ids in loader:
-        out["ids"] += ids
-        out["refs"] += texts
-        out["log_probs"] += line_log_probs(model, images, channels_last, autocast_dtype)
+    for batch in loader:
+        out["ids"] += batch.ids
+        out["refs"] += batch.texts
+        out["log_probs"] += line_log_probs(model, batch.images, channels_last, autocast_dtype, batch.audio, modality)
     out["hyps"] = [greedy_decode(lp, charset) for lp in out["log_probs"]]
     out["confidences"] = [line_confidence(lp) for lp in out["log_probs"]]
     return out
@@ -101,20 +109,35 @@ def ground_truth(image: Path):
     return None
 
 
-def transcribe(model, charset, paths, cfg) -> list:
-    """[(greedy transcription, confidence)] of each image file, preprocessed as cfg.preproc says."""
+def transcribe(model, charset, items, cfg) -> list:
+    """[(greedy transcription, confidence)] of each (image file, audio file) pair, either one None (a line read
+    from its image or its reading alone), preprocessed as cfg.preproc says."""
     dtype = autocast_dtype(cfg.eval.mixed_precision, resolve_device(cfg.device))
     results = []
-    for path in paths:
-        try:
-            x = load_for_inference(path, cfg.preproc.image_height, cfg.preproc.image_width)
-        except ValueError as e:
-            raise UserError(f"{path}: {e} (expected an image file OpenCV can read: png, jpg, tif, ...)") from None
-        log_probs = line_log_probs(model, x.unsqueeze(0), True, dtype)[0]  # (T, K)
+    for image, audio in items:
+        if audio is not None and not getattr(model, "has_audio", False):
+            raise UserError(f"--audio {audio}: this model reads images only (it was trained without "
+                            f"arch.audio.enabled=true)")
+        x = torch.zeros(1, 1, cfg.preproc.image_height, cfg.preproc.image_width) if image is None else \
+            line_image(image, cfg)
+        if audio is not None and not Path(audio).is_file():
+            raise UserError(f"--audio {audio}: no such file")
+        reading = None if audio is None else AudioBatch.of([read_audio(audio)])
+        modality = "audio" if image is None else "both"
+        log_probs = line_log_probs(model, x, True, dtype, reading, modality)[0]   # (T, K)
         results.append((greedy_decode(log_probs, charset), line_confidence(log_probs)))
     return results
 
 
-def max_diff(model, other, images: torch.Tensor) -> float:
-    """Max abs log-prob difference between two recognizers (HTRNet or OnnxRecognizer) on the same images."""
-    return float(max(np.abs(a - b).max() for a, b in zip(line_log_probs(model, images), line_log_probs(other, images))))
+def line_image(path, cfg) -> torch.Tensor:
+    """(1, 1, H, W) of an image file, preprocessed as cfg.preproc says."""
+    try:
+        return load_for_inference(path, cfg.preproc.image_height, cfg.preproc.image_width).unsqueeze(0)
+    except ValueError as e:
+        raise UserError(f"{path}: {e} (expected an image file OpenCV can read: png, jpg, tif, ...)") from None
+
+
+def max_diff(model, other, images: torch.Tensor, audio=None, modality: str = "both") -> float:
+    """Max abs log-prob difference between two recognizers (HTRNet or OnnxRecognizer) on the same lines."""
+    a, b = (line_log_probs(m, images, audio=audio, modality=modality) for m in (model, other))
+    return float(max(np.abs(x - y).max() for x, y in zip(a, b)))

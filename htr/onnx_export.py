@@ -17,7 +17,9 @@ import torch.nn as nn
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from dataset import LineDataset
+from dataset import AudioBatch, LineDataset
+from htr.audio import SAMPLE_RATE
+from htr.audio_model import MODES
 from htr.decoding import greedy_decode
 from htr.inference import load_model, max_diff
 from htr.model_card import export_folder
@@ -28,43 +30,64 @@ from utils import Charset, UserError
 OPSET = 17
 TOLERANCE = 1e-3          # max abs log-prob difference to PyTorch accepted by the export check
 QUIET = ("You are using the legacy TorchScript", "The feature will be removed",
-         "Exporting a model to ONNX with a batch_size")   # tracing caveats: parity() checks batches 2 and 3
+         "Exporting a model to ONNX with a batch_size",   # tracing caveats: parity() checks batches 2 and 3
+         "Constant folding - Only steps=1")              # the audio branch's strided slices: left unfolded
 
 
 class LogProbs(nn.Module):
-    """HTRNet as one graph: images (B, 1, H, W) -> CTC log-probs (B, T, K)."""
+    """HTRNet as one graph: images (B, 1, H, W) -> CTC log-probs (B, T, K); with the audio branch also audio
+    (B, S) float32 at 16 kHz, audio_lengths (B,) int64 (0: no reading, or the image alone) and image_on (B,) bool
+    (False: the reading alone)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, x):
-        return self.model(x).logits.log_softmax(-1).transpose(0, 1)      # (T, B, K) -> (B, T, K)
+    def forward(self, x, audio=None, audio_lengths=None, image_on=None):
+        heard = None if audio is None else AudioBatch(audio, audio_lengths)
+        return self.model(x, heard, image_on).logits.log_softmax(-1).transpose(0, 1)   # (T, B, K) -> (B, T, K)
+
+
+def example_inputs(model, image_height: int, image_width: int, batch: int = 2, gen=None) -> tuple:
+    """Random inputs of the graph: images, and for the audio branch readings of 1-2 s (the last line's shorter)."""
+    x = torch.rand(batch, 1, image_height, image_width, generator=gen)
+    if not model.has_audio:
+        return (x,)
+    lengths = torch.linspace(2 * SAMPLE_RATE, SAMPLE_RATE, batch).long()
+    return x, torch.randn(batch, 2 * SAMPLE_RATE, generator=gen) * 0.1, lengths, torch.ones(batch, dtype=torch.bool)
 
 
 def export(model, charset: Charset, image_height: int, image_width: int, path) -> Path:
     """Write the ONNX file (graph + metadata) for an eval-mode HTRNet on the CPU."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = torch.rand(2, 1, image_height, image_width)
+    inputs = example_inputs(model, image_height, image_width)
+    names = ["images", "audio", "audio_lengths", "image_on"][:len(inputs)]
+    axes = {name: {0: "batch"} for name in names + ["log_probs"]}
+    if model.has_audio:
+        axes["audio"][1] = "samples"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         for message in QUIET:
             warnings.filterwarnings("ignore", message=message)
-        torch.onnx.export(LogProbs(model).eval(), (x,), str(path), input_names=["images"],
-                          output_names=["log_probs"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"images": {0: "batch"}, "log_probs": {0: "batch"}})
+        torch.onnx.export(LogProbs(model).eval(), inputs, str(path), input_names=names, output_names=["log_probs"],
+                          opset_version=OPSET, dynamo=False, dynamic_axes=axes)
     graph = onnx.load(str(path))
-    onnx.helper.set_model_props(graph, metadata(charset, image_height, image_width))
+    onnx.helper.set_model_props(graph, metadata(charset, image_height, image_width, model.has_audio))
     onnx.save(graph, str(path))
     return path
 
 
 def parity(model, recognizer: OnnxRecognizer, batch_sizes=(2, 3), seed: int = 0) -> float:
-    """Max abs log-prob difference between PyTorch and onnxruntime on random batches."""
+    """Max abs log-prob difference between PyTorch and onnxruntime on random batches (with the audio branch: read
+    from the image alone, the audio alone and both)."""
     gen = torch.Generator().manual_seed(seed)
-    return max(max_diff(model, recognizer, torch.rand(b, 1, recognizer.image_height, recognizer.image_width,
-                                                      generator=gen)) for b in batch_sizes)
+    diffs = []
+    for b in batch_sizes:
+        x, *audio = example_inputs(model, recognizer.image_height, recognizer.image_width, b, gen)
+        heard = AudioBatch(*audio[:2]) if audio else None
+        diffs += [max_diff(model, recognizer, x, heard, m) for m in (MODES if heard is not None else ("both",))]
+    return max(diffs)
 
 
 def export_checked(model, charset: Charset, image_height: int, image_width: int, path) -> tuple:
@@ -135,6 +158,9 @@ def export_onnx(cfg, model, charset: Charset, path: Path) -> str:
 
 
 def export_int8(cfg, model, charset: Charset, path: Path) -> str:
+    if model.has_audio:
+        raise UserError("export.int8 quantizes the convolutions, the audio branch's Fourier transform among them: "
+                        "export a model with arch.audio as fp32 (leave export.int8 false)")
     feeds = calibration_feeds(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         fp32, _ = export_checked(model, charset, cfg.preproc.image_height, cfg.preproc.image_width,

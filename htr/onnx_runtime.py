@@ -8,15 +8,17 @@ from pathlib import Path
 
 import torch
 
+from htr.audio_model import MODES
 from htr.inference import load_model
 from utils import Charset, UserError
 
 KEYS = ("htr.charset", "htr.image_height", "htr.image_width")
+AUDIO_KEY = "htr.audio"
 
 
-def metadata(charset: Charset, image_height: int, image_width: int) -> dict:
-    """What export.py stores in the ONNX metadata_props (string values)."""
-    return dict(zip(KEYS, (charset.chars, str(image_height), str(image_width))))
+def metadata(charset: Charset, image_height: int, image_width: int, audio: bool = False) -> dict:
+    """What export.py stores in the ONNX metadata_props (string values); htr.audio: the graph takes readings."""
+    return {**dict(zip(KEYS, (charset.chars, str(image_height), str(image_width)))), AUDIO_KEY: str(int(audio))}
 
 
 def open_session(path: Path):
@@ -46,14 +48,28 @@ class OnnxRecognizer:
             raise UserError(f"{self.path} lacks the metadata {', '.join(missing)}: export it with export.py")
         self.charset = Charset(meta["htr.charset"])
         self.image_height, self.image_width = int(meta["htr.image_height"]), int(meta["htr.image_width"])
+        self.has_audio = meta.get(AUDIO_KEY) == "1"                        # files from before: images only
 
-    def log_probs(self, images: torch.Tensor) -> list:
-        """Images (B, 1, H, W) -> B arrays of CTC log-probabilities (T, K), float32 numpy, blank = class 0."""
+    def log_probs(self, images: torch.Tensor, audio=None, modality: str = "both") -> list:
+        """Images (B, 1, H, W) -> B arrays of CTC log-probabilities (T, K), float32 numpy, blank = class 0; with
+        the audio branch, `audio` (dataset.AudioBatch or None) read from `modality` as inference.line_log_probs."""
         if tuple(images.shape[1:]) != (1, self.image_height, self.image_width):
             raise UserError(f"{self.path} takes images (B, 1, {self.image_height}, {self.image_width}), got "
                             f"{tuple(images.shape)}; set preproc.image_height/width to the exported sizes")
-        x = images.detach().float().cpu().contiguous().numpy()                # (B, 1, H, W)
-        return list(self.session.run(["log_probs"], {"images": x})[0])     # (B, T, K) -> B x (T, K)
+        feed = {"images": images.detach().float().cpu().contiguous().numpy()}          # (B, 1, H, W)
+        if self.has_audio:
+            feed.update(audio_feed(len(images), audio, modality))
+        return list(self.session.run(["log_probs"], feed)[0])             # (B, T, K) -> B x (T, K)
+
+
+def audio_feed(batch: int, audio, modality: str) -> dict:
+    """The graph's audio inputs: no reading is one zero sample of length 0; 'image' reads none either."""
+    if modality not in MODES:
+        raise ValueError(f"modality must be one of {', '.join(MODES)}, got {modality!r}")
+    waves = torch.zeros(batch, 1) if audio is None else audio.waves.float()
+    lengths = torch.zeros(batch, dtype=torch.long) if audio is None or modality == "image" else audio.lengths
+    image_on = torch.full((batch,), modality != "audio")
+    return {"audio": waves.contiguous().numpy(), "audio_lengths": lengths.numpy(), "image_on": image_on.numpy()}
 
 
 def load_recognizer(cfg, path, runtime: str = "torch", device="cpu", channels_last: bool = False) -> tuple:

@@ -17,6 +17,8 @@ import torch
 from tqdm import tqdm
 
 from dataset import worker_count
+from dataset import AudioBatch
+from htr.audio import AudioError, find_reading, read_audio
 from htr.decoding import char_confidences, decode_batch, line_confidence
 from htr.evaluation import check_decode_mode, lm_file, load_lm
 from htr.images import canvas, dark_on_light, fit_warning, read_image
@@ -41,6 +43,20 @@ class Context:
     lm: object                    # decoding.CharNgramLM or None
     beam: dict | None             # decode.* options for beam search; None = greedy
     overwrite: bool
+    audio: Path | None = None     # transcribe.py --audio: the folder of per-line readings
+
+    def reading(self, prepared: "Prepared", line_id: str, page: str | None = None):
+        """A line's reading from the --audio folder as (samples,) float32, or None: none there, or unusable (said
+        among the warnings; the line is then read from its image alone)."""
+        path = None if self.audio is None else find_reading(self.audio, line_id, page)
+        if path is None:
+            return None
+        try:
+            wave = read_audio(path)
+        except AudioError as e:
+            prepared.warnings.append(f"{e}; line {line_id} is read from its image alone")
+            return None
+        return wave
 
     def decode(self, log_probs: list) -> list:
         """Per line (T, K) log-probs or None -> (text, line confidence, word confidences or None) or None."""
@@ -79,6 +95,7 @@ class Prepared:
     notes: Counter = field(default_factory=Counter)        # fallbacks, by kind and reason
     problems: list = field(default_factory=list)           # [(kind, message)] of files left out
     warnings: list = field(default_factory=list)           # [message] about files transcribed all the same
+    readings: list = field(default_factory=list)           # readings[i]: line i's audio (samples,) or None
 
 
 def word_confidences(chars: list) -> list:
@@ -109,12 +126,13 @@ class PageJob:
     def prepare(self) -> Prepared:
         page = read_page(self.xml)
         image, lines = load_image(page, find_image(page, _CONTEXT.finders[self.finder])[0])
-        cutter, images, notes = LineCutter.of_page(image, lines), [], Counter()
+        cutter, prepared = LineCutter.of_page(image, lines), Prepared(self, [])
         for line in lines:
             crop, fallback = cutter.crop(line)
-            notes.update([fallback] if fallback else [])
-            images.append(None if crop is None else model_input(crop, _CONTEXT.height, _CONTEXT.width))
-        return Prepared(self, images, notes)
+            prepared.notes.update([fallback] if fallback else [])
+            prepared.images.append(None if crop is None else model_input(crop, _CONTEXT.height, _CONTEXT.width))
+            prepared.readings.append(_CONTEXT.reading(prepared, line.id, self.xml.stem))
+        return prepared
 
     def finish(self, log_probs: list) -> dict:
         """Decode and write the page (read again: only the line images travelled) -> line counts, problems."""
@@ -148,6 +166,7 @@ class LinesJob:
     def prepare(self) -> Prepared:
         ctx, prepared = _CONTEXT, Prepared(self, [])
         for path in self.paths:
+            prepared.readings.append(_CONTEXT.reading(prepared, path.stem))
             try:
                 grey = read_image(path)
             except ValueError as e:
@@ -201,12 +220,14 @@ class Batcher:
 
     def __init__(self, model, batch_size: int, autocast):
         self.model, self.batch_size, self.autocast = model, batch_size, autocast
-        self.queue, self.waiting, self.seconds = [], [], 0.0     # queue: [(Waiting, line index, image)]
+        self.queue, self.waiting, self.seconds = [], [], 0.0     # queue: [(Waiting, line index, image, reading)]
 
     def add(self, prepared: Prepared) -> list:
         """Queue a job's lines, run every full batch -> [(prepared, log-probs)] of the jobs now complete."""
         state = Waiting(prepared, [None] * len(prepared.images), sum(img is not None for img in prepared.images))
-        self.queue += [(state, k, img) for k, img in enumerate(prepared.images) if img is not None]
+        readings = prepared.readings or [None] * len(prepared.images)
+        self.queue += [(state, k, img, wave) for k, (img, wave) in enumerate(zip(prepared.images, readings))
+                       if img is not None]
         self.waiting.append(state)
         while len(self.queue) >= self.batch_size:
             self._run(self.batch_size)
@@ -221,8 +242,10 @@ class Batcher:
     def _run(self, n: int) -> None:
         batch, self.queue = self.queue[:n], self.queue[n:]
         start = time.perf_counter()
-        images = torch.from_numpy(np.stack([img for _, _, img in batch])).unsqueeze(1).float().div_(255)  # (B,1,H,W)
-        for (state, k, _), lp in zip(batch, line_log_probs(self.model, images, True, self.autocast)):
+        images = torch.from_numpy(np.stack([b[2] for b in batch])).unsqueeze(1).float().div_(255)  # (B, 1, H, W)
+        waves = [b[3] for b in batch]
+        audio = AudioBatch.of(waves) if any(w is not None for w in waves) else None
+        for (state, k, *_), lp in zip(batch, line_log_probs(self.model, images, True, self.autocast, audio)):
             state.log_probs[k] = lp
             state.missing -= 1
         self.seconds += time.perf_counter() - start
@@ -341,6 +364,7 @@ def summarize(prepared: list, results: list, seconds: float, model_seconds: floa
         "fallbacks": dict(sorted(sum((p.notes for p in pages), Counter()).items())),
         "line_images": {"transcribed": len(rows), "of": sum(len(p.job.paths) for p in prepared
                                                            if isinstance(p.job, LinesJob))},
+        "lines_with_audio": sum(w is not None for p in prepared for w in p.readings),
         "problems": problems,
         "warnings": [w for p in prepared for w in p.warnings],
         "seconds": round(seconds, 2), "model_seconds": round(model_seconds, 2),
@@ -358,6 +382,8 @@ def format_summary(s: dict) -> str:
            + f", {lines['no usable geometry']} without usable geometry",
            f"line images: {s['line_images']['transcribed']} of {s['line_images']['of']} transcribed",
            "fallbacks: " + (", ".join(f"{k}: {n}" for k, n in s["fallbacks"].items()) or "none")]
+    if s["settings"]["audio"]:
+        out.append(f"lines read with their audio from {s['settings']['audio']}: {s['lines_with_audio']}")
     for kind, items in s["problems"].items():
         out.append(f"{kind} ({len(items)}):" + "".join(f"\n  {i}" for i in items[:10])
                    + (f"\n  ... ({len(items) - 10} more in summary.json)" if len(items) > 10 else ""))
@@ -378,7 +404,7 @@ def run_settings(cfg, device, beam: dict | None, lm, workers: int, flags) -> dic
             "precision": "as exported" if onnx else "fp32" if precision == "no" else precision,
             "decoding": cfg.decode.mode, "beam": beam, "lm": str(lm_file(cfg, cfg.resume)) if lm else None,
             "workers": workers, "threads": torch.get_num_threads(), "batch_size": cfg.eval.batch_size,
-            "overwrite": flags.overwrite}
+            "overwrite": flags.overwrite, "audio": str(flags.audio) if flags.audio else None}
 
 
 def write_tsv(path: Path, results: list) -> None:
@@ -395,8 +421,11 @@ def run(cfg, flags, beam: dict | None, pages: list, line_paths: list, finders: l
     use_fixed_size_kernels(device)
     model, charset = load_recognizer(cfg, cfg.resume, cfg.runtime, device, channels_last=True)
     lm = load_lm(cfg, charset, cfg.resume) if beam else None
+    if flags.audio is not None and not getattr(model, "has_audio", False):
+        raise UserError(f"--audio {flags.audio}: this model reads images only (trained without "
+                        f"arch.audio.enabled=true{', or an ONNX export' if cfg.runtime == 'onnx' else ''})")
     context = Context(finders, cfg.preproc.image_height, cfg.preproc.image_width, charset.chars, lm, beam,
-                      flags.overwrite)
+                      flags.overwrite, flags.audio)
     chunk = cfg.eval.batch_size
     jobs = pages + [LinesJob(line_paths[i:i + chunk]) for i in range(0, len(line_paths), chunk)]
     start = time.perf_counter()

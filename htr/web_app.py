@@ -1,5 +1,6 @@
-"""The web demo behind serve.py: a FastAPI app with plain HTML forms where one uploads a line image, or a page
-image and its PAGE or ALTO XML, and sees the transcription with its low-confidence characters highlighted (and a
+"""The web demo behind serve.py: a FastAPI app with plain HTML forms where one uploads a line image (with a model
+trained with arch.audio, and its spoken reading: a file, or recorded from the microphone), or a page image and its
+PAGE or ALTO XML, and sees the transcription with its low-confidence characters highlighted (and a
 page's XML with the recognised text to download). Pages are cut as htr/page_lines.py cuts them and written as
 htr/transcription.py writes them. serve.py is the command (its docstring describes the settings).
 """
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dataset import AudioBatch
+from htr.audio import AudioError, read_audio
 from htr.decoding import char_confidences, line_confidence
 from htr.images import fit_warning, read_image, to_tensor
 from htr.inference import line_log_probs
@@ -58,14 +61,21 @@ class Recognizer:
         self.model, self.charset = load_recognizer(cfg, cfg.resume, cfg.runtime, device, channels_last=True)
         self.dtype = autocast_dtype(cfg.eval.mixed_precision, device)
 
-    def read(self, lines: list) -> list:
+    @property
+    def hears(self) -> bool:
+        """Whether the model has the audio branch (arch.audio): the line form then takes a reading too."""
+        return getattr(self.model, "has_audio", False)
+
+    def read(self, lines: list, audio=None) -> list:
+        """Readings of grey line images; `audio` (a (samples,) array at 16 kHz) goes with a single line."""
         h, w = self.cfg.preproc.image_height, self.cfg.preproc.image_width
         batch = int(self.cfg.eval.batch_size)
         readings = []
         for i in range(0, len(lines), batch):
             x = torch.stack([to_tensor(model_input(img, h, w)) for img in lines[i:i + batch]])
+            heard = None if audio is None else AudioBatch.of([audio])
             readings += [Reading(char_confidences(lp, self.charset), line_confidence(lp))
-                         for lp in line_log_probs(self.model, x, True, self.dtype)]
+                         for lp in line_log_probs(self.model, x, True, self.dtype, heard)]
         return readings
 
 
@@ -122,6 +132,37 @@ def write_text(page, results: list) -> bytes:
 
 # --------------------------------------------------------------------------------------------------------- page
 
+# The line form's Record button: microphone samples (Web Audio) written as a 16-bit mono WAV into the audio field.
+RECORDER = """(() => {
+const button = document.getElementById('line-record'), field = document.getElementById('line-audio'),
+      said = document.getElementById('line-recorded');
+let take = null;
+button.onclick = async () => {
+  if (take === null) {
+    const stream = await navigator.mediaDevices.getUserMedia({audio: true}), context = new AudioContext();
+    const source = context.createMediaStreamSource(stream), tap = context.createScriptProcessor(4096, 1, 1);
+    take = {stream, context, source, tap, chunks: []};
+    tap.onaudioprocess = e => take.chunks.push(new Float32Array(e.inputBuffer.getChannelData(0)));
+    source.connect(tap); tap.connect(context.destination);
+    button.textContent = 'Stop'; said.textContent = 'recording...';
+    return;
+  }
+  const {stream, context, source, tap, chunks} = take;
+  take = null; tap.disconnect(); source.disconnect(); stream.getTracks().forEach(t => t.stop());
+  const n = chunks.reduce((a, c) => a + c.length, 0), rate = context.sampleRate, v = new DataView(new ArrayBuffer(44 + 2 * n));
+  const text = (at, s) => [...s].forEach((c, i) => v.setUint8(at + i, c.charCodeAt(0)));
+  text(0, 'RIFF'); v.setUint32(4, 36 + 2 * n, true); text(8, 'WAVEfmt '); v.setUint32(16, 16, true);
+  v.setUint16(20, 1, true); v.setUint16(22, 1, true); v.setUint32(24, rate, true); v.setUint32(28, 2 * rate, true);
+  v.setUint16(32, 2, true); v.setUint16(34, 16, true); text(36, 'data'); v.setUint32(40, 2 * n, true);
+  let at = 44;
+  for (const c of chunks) for (const x of c) { v.setInt16(at, Math.max(-1, Math.min(1, x)) * 32767, true); at += 2; }
+  const files = new DataTransfer();
+  files.items.add(new File([v.buffer], 'recording.wav', {type: 'audio/wav'}));
+  field.files = files.files; context.close();
+  button.textContent = 'Record again'; said.textContent = `recorded ${(n / rate).toFixed(1)} s`;
+};
+})();"""
+
 STYLE = """body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em;color:#222}
 form{border:1px solid #ccc;padding:1em;margin:1em 0}label{margin-right:1em}
 .text{font-family:serif;font-size:1.6em;white-space:pre-wrap}mark{background:#ffb347}
@@ -145,8 +186,8 @@ def png_data_url(img: np.ndarray) -> str:
 class Pages:
     """The HTML of the one page: the forms, and the result or the message of the last upload."""
 
-    def __init__(self, cfg, model_name: str):
-        self.cfg, self.model_name = cfg, model_name
+    def __init__(self, cfg, model_name: str, hears: bool = False):
+        self.cfg, self.model_name, self.hears = cfg, model_name, hears
 
     def render(self, body: str = "") -> str:
         s = self.cfg.serve
@@ -156,7 +197,7 @@ class Pages:
 {s.low_confidence:g} are <mark>highlighted</mark>. Uploads: up to {s.max_upload_mb:g} MB and
 {s.max_megapixels:g} megapixels.</p>
 <form id="line-form" action="line" method="post" enctype="multipart/form-data"><h2>A line image</h2>
-<input type="file" id="line-image" name="image" accept="image/*" required>
+<input type="file" id="line-image" name="image" accept="image/*" required>{self.audio_field()}
 <button id="line-submit" type="submit">Transcribe</button></form>
 <form id="page-form" action="page" method="post" enctype="multipart/form-data"><h2>A page and its PAGE / ALTO XML</h2>
 <label>image <input type="file" id="page-image" name="image" accept="image/*" required></label>
@@ -164,15 +205,24 @@ class Pages:
 <button id="page-submit" type="submit">Transcribe the lines</button></form>
 <section id="result">{body}</section></body></html>"""
 
+    def audio_field(self) -> str:
+        """With the audio branch: a reading of the line, uploaded or recorded from the microphone (as a WAV)."""
+        if not self.hears:
+            return ""
+        return """<label>its reading (optional) <input type="file" id="line-audio" name="audio" accept="audio/*"
+capture></label><button type="button" id="line-record">Record</button> <span id="line-recorded" class="note">
+</span><script>""" + RECORDER + "</script>"
+
     def error(self, message: str) -> str:
         return self.render(f'<p id="error" class="error">{html.escape(message)}</p>')
 
-    def line(self, name: str, image: np.ndarray, reading: Reading) -> str:
+    def line(self, name: str, image: np.ndarray, reading: Reading, heard: str | None = None) -> str:
         problem = fit_warning(*image.shape, self.cfg.preproc.image_height, self.cfg.preproc.image_width)
         warning = f'<p id="warning" class="note">{html.escape(problem)}</p>' if problem else ""
+        audio = f'<p id="heard" class="note">read with its audio, {html.escape(heard)}</p>' if heard else ""
         return self.render(f"""<h2>{html.escape(name)}</h2><img id="line-preview" alt="the uploaded line"
 src="{png_data_url(image)}"><p id="text" class="text">{highlighted(reading, self.cfg.serve.low_confidence)}</p>
-<p id="confidence">confidence {reading.confidence:.3f}</p>{warning}""")
+<p id="confidence">confidence {reading.confidence:.3f}</p>{audio}{warning}""")
 
     def page(self, name: str, xml_name: str, results: list, xml: bytes) -> str:
         threshold = self.cfg.serve.low_confidence
@@ -197,11 +247,13 @@ def make_app(cfg, recognizer: Recognizer):
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
 
-    app, pages = FastAPI(docs_url=None, redoc_url=None, openapi_url=None), Pages(cfg, str(cfg.resume))
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    pages = Pages(cfg, str(cfg.resume), recognizer.hears)
     max_bytes = int(cfg.serve.max_upload_mb * 2**20)
 
-    async def uploads(request: Request, *fields) -> list:
-        """[(file name, bytes)] of the form's file fields; Refused for a body over the limit or a missing file."""
+    async def uploads(request: Request, *fields, optional=()) -> list:
+        """[(file name, bytes)] of the form's file fields, then of the `optional` ones ((None, b"") when not
+        chosen); Refused for a body over the limit or a missing file."""
         length = request.headers.get("content-length", "")
         if not length.isdigit() or int(length) > max_bytes:
             async for _ in request.stream():                             # read it, so the browser gets the page
@@ -209,14 +261,17 @@ def make_app(cfg, recognizer: Recognizer):
             size = f"{int(length) / 2**20:.1f} MB" if length.isdigit() else "of unknown size"
             raise Refused(413, f"upload {size} refused: the limit is {cfg.serve.max_upload_mb:g} MB "
                                f"(serve.max_upload_mb)")
+        n = len(fields) + len(optional)
         try:
-            form = await request.form(max_files=len(fields), max_fields=len(fields))
+            form = await request.form(max_files=n, max_fields=n)
         except HTTPException as e:
             raise Refused(400, f"not a form upload: {e.detail}") from None
         files = [form.get(f) for f in fields]
         if not all(isinstance(f, UploadFile) and f.filename for f in files):
             raise Refused(400, f"choose a file for each of: {', '.join(fields)}")
-        return [(f.filename, await f.read()) for f in files]
+        extra = [form.get(f) for f in optional]
+        return [(f.filename, await f.read()) if isinstance(f, UploadFile) and f.filename else (None, b"")
+                for f in files + extra]
 
     def answer(work):
         async def endpoint(request: Request):
@@ -231,17 +286,20 @@ def make_app(cfg, recognizer: Recognizer):
         return endpoint
 
     async def line(request: Request) -> str:
-        [(name, data)] = await uploads(request, "image")
+        (name, data), (audio_name, audio) = await uploads(request, "image", optional=("audio",))
         check_image(data, name, cfg.serve.max_megapixels)
-        return await run_in_threadpool(read_line, name, data)
+        return await run_in_threadpool(read_line, name, data, audio_name, audio)
 
-    def read_line(name: str, data: bytes) -> str:
+    def read_line(name: str, data: bytes, audio_name: str | None, audio: bytes) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 image = read_image(saved(Path(tmp) / "image", data))
+                wave = read_audio(saved(Path(tmp) / "audio", audio)) if audio_name and recognizer.hears else None
             except ValueError as e:
                 raise Refused(400, f"{name}: {e}") from None
-        return pages.line(name, image, recognizer.read([image])[0])
+            except AudioError as e:
+                raise Refused(400, str(e).replace(str(Path(tmp) / "audio"), audio_name)) from None
+        return pages.line(name, image, recognizer.read([image], wave)[0], audio_name if wave is not None else None)
 
     async def page(request: Request) -> str:
         (name, data), (xml_name, xml) = await uploads(request, "image", "xml")

@@ -153,5 +153,5 @@ def test_evaluate_and_demo_run_on_onnx_like_on_torch(exported):
     onnx_report = evaluation.evaluate(onnx_cfg, path)
     assert onnx_report["greedy"] == torch_report["greedy"]
     model, charset = load_recognizer(onnx_cfg, path, "onnx")
-    texts = transcribe(model, charset, [root / "val" / "val-000.png"], onnx_cfg)
+    texts = transcribe(model, charset, [(root / "val" / "val-000.png", None)], onnx_cfg)
     assert isinstance(texts[0][0], str) and 0.0 <= texts[0][1] <= 1.0

@@ -19,6 +19,7 @@ from htr.decoding import char_confidences
 from htr.images import load_for_inference
 from htr.inference import line_log_probs
 from htr.pagexml import read_page
+from htr.speech_writer import write_speech
 from htr.training import Trainer
 from utils import load_checkpoint, load_config
 
@@ -28,7 +29,8 @@ CONFIG = ROOT / "config.yaml"
 CHROMIUM = "/usr/bin/chromium"
 TAB = "\t"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]   # a beeping microphone
 ARTIFACTS = ROOT / "tests" / "artifacts"
 PAGE_NS = "http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15"
 ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
@@ -111,7 +113,27 @@ def test_bad_xml_is_refused_naming_the_upload(model, tmp_path):
 @pytest.fixture(scope="module")
 def server(model):
     """serve.py on a free port (serve.port=0) with a 1 MB upload limit: its base URL."""
-    overrides, _ = model
+    yield from serving(model[0])
+
+
+@pytest.fixture(scope="module")
+def audio_model(tmp_path_factory):
+    """A tiny model with the audio branch after one training step on lines with espeak-ng readings."""
+    tmp = tmp_path_factory.mktemp("serve_audio")
+    root, overrides = conftest.tiny_setup(tmp, "audio")
+    write_speech(root, ["train", "val", "test"], ["en"], ["clean"], 0.0, workers=1)
+    overrides += ["arch.audio.enabled=true", "arch.audio.channels=8", "arch.audio.hidden=16", "arch.audio.heads=2"]
+    Trainer(load_config(CONFIG, overrides + ["train.num_epochs=1", "train.max_steps=1"])).fit()
+    return overrides + [f"resume={tmp / 'runs' / 'audio' / 'last.pt'}"], root
+
+
+@pytest.fixture(scope="module")
+def audio_server(audio_model):
+    yield from serving(audio_model[0])
+
+
+def serving(overrides):
+    """serve.py of these overrides on a free port (serve.port=0) with a 1 MB upload limit: yields its base URL."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), str(CONFIG), *overrides, "serve.port=0",
                              "serve.max_upload_mb=1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
@@ -207,6 +229,34 @@ def test_bad_uploads_are_a_message_in_the_page(server, browser, tmp_path, name, 
     assert "Traceback" not in browser.content() and browser.is_visible("#line-form")
     if content is None:
         screenshot(browser, "serve_refused.png")
+
+
+@browser_test
+def test_a_line_is_read_with_its_uploaded_or_recorded_audio(audio_model, audio_server, browser, tmp_path):
+    """The audio model's line form takes a reading: an uploaded file gives what demo.py --audio prints; the Record
+    button records the (fake) microphone into a WAV; a file that is not audio is a message."""
+    overrides, root = audio_model
+    image, wav = root / "test" / "test-002.png", root / "test" / "test-002.wav"
+    demo = subprocess.run([sys.executable, str(ROOT / "demo.py"), str(CONFIG), *overrides, str(image), "--audio",
+                           str(wav)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    upload(browser, audio_server, "line", {"image": image, "audio": wav})
+    assert browser.inner_text("#text") == demo.stdout.splitlines()[0].split(TAB)[1]
+    assert "test-002.wav" in browser.inner_text("#heard")
+    browser.goto(audio_server)
+    browser.set_input_files("#line-image", str(image))
+    browser.click("#line-record")
+    browser.wait_for_timeout(1500)
+    browser.click("#line-record")
+    browser.wait_for_function("document.getElementById('line-recorded').textContent.startsWith('recorded')")
+    browser.click("#line-submit")
+    browser.wait_for_selector("#result > *")
+    screenshot(browser, "serve_line_audio.png")
+    assert "recording.wav" in browser.inner_text("#heard") and browser.is_visible("#confidence")
+    bad = tmp_path / "noise.wav"
+    bad.write_bytes(b"RIFF, but no audio")
+    upload(browser, audio_server, "line", {"image": image, "audio": bad})
+    assert "noise.wav is not audio" in browser.inner_text("#error")
 
 
 def test_base64_download_link_is_the_xml(model, tmp_path):
