@@ -6,8 +6,9 @@ Measures, in one process, a plain baseline (fp32, eager, NCHW, no_grad) and the 
 train/eval.mixed_precision (auto: where the GPU or CPU has native bf16), cudnn.benchmark on CUDA, optional
 torch.compile), and on the CPU the exported model in onnxruntime (fp32 and int8, as export.py writes them), and
 prints their ratios: these machines are noisy and only same-run ratios are stable.
-Train = forward + backward + optimizer step at train.batch_size on random (B, 1, H, W) lines; eval = batched
-forward at eval.batch_size; demo = one line. achieved_gflops = lines/s x the forward's FLOPs (x3 for a train
+Train = forward + backward + optimizer step at train.batch_size on random (B, 1, H, W) lines (with
+arch.audio.enabled=true each with a random 3 s reading: the fused path); eval = batched forward at
+eval.batch_size; demo = one line. achieved_gflops = lines/s x the forward's FLOPs (x3 for a train
 step), to compare with what the machine's convolutions and matmuls can do.
 --contention measures only the CPU train step, alone and beside one CPU-bound process, with the thread count
 trainer.py picks and with every usable CPU.

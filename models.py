@@ -306,6 +306,9 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def parameter_report(model: HTRNet) -> dict:
-    """Parameter counts per module, for the start-of-training log and the benchmark."""
-    return {"backbone": count_parameters(model.backbone), "head": count_parameters(model.head),
+    """Parameter counts per module (the audio branch's when it has one), for the start-of-training log and the
+    benchmark."""
+    audio = {"audio": count_parameters(model.audio_encoder) + count_parameters(model.fusion)} \
+        if model.has_audio else {}
+    return {"backbone": count_parameters(model.backbone), "head": count_parameters(model.head), **audio,
             "total": count_parameters(model)}

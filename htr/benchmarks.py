@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dataset import EpochBatchSampler, LineDataset, line_loader, worker_count
+from dataset import AudioBatch, EpochBatchSampler, LineDataset, line_loader, worker_count
+from htr.audio import SAMPLE_RATE
 from models import HTRNet, ctc_loss, fuse_conv_bn, parameter_report
 from utils import (Charset, autocast_dtype, make_optimizer, mixed_precision, require_cpp_compiler, resolve_device,
                    set_torch_threads, train_memory_format, usable_cpus, use_fixed_size_kernels)
 
 N_CLASSES = 80          # IAM-sized charset + blank
+READING_S = 3.0         # a spoken reading of an IAM-length line (arch.audio)
 LLM_TEXT = "A MOVE to stop Mr. Gaitskell from nominating any more Labour life Peers"   # an IAM-length line
 
 
@@ -40,6 +42,15 @@ def timed(fn, device, steps: int, warmup: int = 1) -> float:
         fn()
     sync(device)
     return (time.perf_counter() - t0) / steps
+
+
+def random_readings(model: HTRNet, b: int, device):
+    """With the audio branch (arch.audio.enabled): b random readings of READING_S seconds, read with the image (the
+    fused path); else None."""
+    if not model.has_audio:
+        return None
+    samples = int(READING_S * SAMPLE_RATE)
+    return AudioBatch(torch.randn(b, samples, device=device) * 0.1, torch.full((b,), samples))
 
 
 class Variant:
@@ -68,12 +79,12 @@ class Variant:
 
     def run(self, x):
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            return self.forward(x)
+            return self.forward(x, random_readings(self.model, len(x), self.device))
 
     def train_step(self, x, targets, lengths):
         self.model.train()
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            out = self.forward(x)
+            out = self.forward(x, random_readings(self.model, len(x), self.device))
             loss = ctc_loss(out.logits, targets, lengths) + 0.1 * ctc_loss(out.shortcut, targets, lengths)
             if self.llm is not None:
                 idx = self.llm.sample_indices(x.shape[0], self.llm_ratio)
@@ -114,12 +125,15 @@ def measure_onnx(cfg, steps: int) -> dict:
     charset = Charset("".join(chr(0x21 + i) for i in range(N_CLASSES - 1)))
     h, w, b = cfg.preproc.image_height, cfg.preproc.image_width, cfg.eval.batch_size
     x = torch.rand(b, 1, h, w)
+    audio = random_readings(model, b, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export(model, charset, h, w, Path(tmp) / "fp32.onnx")
-        int8 = quantize_int8(fp32, Path(tmp) / "int8.onnx", [{"images": torch.rand(2, 1, h, w).numpy()}])
+        files = {"fp32": export(model, charset, h, w, Path(tmp) / "fp32.onnx")}
+        if audio is None:                                  # export.int8 refuses the audio branch
+            files["int8"] = quantize_int8(files["fp32"], Path(tmp) / "int8.onnx",
+                                          [{"images": torch.rand(2, 1, h, w).numpy()}])
         cpu = torch.device("cpu")
-        return {f"eval_lines_per_s_{name}": b / timed(lambda: recognizer.log_probs(x), cpu, steps)
-                for name, recognizer in (("fp32", OnnxRecognizer(fp32)), ("int8", OnnxRecognizer(int8)))}
+        return {f"eval_lines_per_s_{name}": b / timed(lambda: recognizer.log_probs(x, audio), cpu, steps)
+                for name, recognizer in ((name, OnnxRecognizer(f)) for name, f in files.items())}
 
 
 @contextlib.contextmanager
@@ -234,6 +248,7 @@ def benchmark(cfg, config: str, steps: int = 3, compile_model: bool = False, llm
             "eval_mixed_precision": mixed_precision(cfg.eval.mixed_precision, device, "eval.mixed_precision")},
         "image": [cfg.preproc.image_height, cfg.preproc.image_width],
         "train_batch": cfg.train.batch_size, "eval_batch": cfg.eval.batch_size, "compile": compile_model,
+        "reading_s": READING_S if tuned_variant.model.has_audio else None,
         "parameters": parameters,
         "baseline": baseline, "tuned": tuned,
         "speedup": {k: (tuned[k] / baseline[k] if "per_s" in k else baseline[k] / tuned[k]) for k in baseline},

@@ -36,6 +36,19 @@ def test_benchmark_prints_consistent_json(tmp_path):
     assert abs(llm["step_time_ratio_on_vs_off"] - ratio) < 1e-9 and ratio > 0
 
 
+def test_benchmark_times_the_fused_path_with_the_audio_branch():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), str(ROOT / "config.yaml"), *TINY,
+                           "arch.audio.enabled=true", "arch.audio.channels=8", "arch.audio.hidden=16",
+                           "arch.audio.heads=2", "--steps", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    params = report["parameters"]
+    assert report["reading_s"] == 3.0 and params["audio"] > 0
+    assert params["total"] == params["backbone"] + params["head"] + params["audio"]
+    assert report["tuned"]["train_lines_per_s"] > 0 and set(report["onnxruntime"]) == \
+        {"eval_lines_per_s_fp32", "eval_speedup_vs_baseline"}
+
+
 def test_loader_benchmark_reports_each_worker_count(tmp_path):
     root, _ = tiny_setup(tmp_path)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), str(ROOT / "config.yaml"), *TINY,
