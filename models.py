@@ -199,6 +199,9 @@ class CTCtopB(nn.Module):
         return CTCOutput(logits, short, features)
 
 
+AUDIO_MODULES = ("audio_encoder.", "fusion.")              # state-dict prefixes of the audio branch
+
+
 class HTRNet(nn.Module):
     """HybridBackbone (+ AudioEncoder and CrossModalFusion with arch.audio.enabled) + CTCtopB: (B, 1, H, W) line
     images, and optionally their readings (dataset.AudioBatch), -> CTCOutput. Without arch.audio.enabled the model
@@ -260,17 +263,20 @@ class HTRNet(nn.Module):
 
     def load_resized(self, state: dict, old_chars: str, new_chars: str) -> None:
         """Load the weights of a model with another character set (kraken's --resize): the class rows of the blank
-        and of the characters both sets share are copied, new characters keep their fresh initialisation.
-        ValueError names the tensors that differ otherwise (another architecture)."""
+        and of the characters both sets share are copied, new characters keep their fresh initialisation; the
+        weights of an image-only model leave this model's audio branch fresh. ValueError names the tensors that
+        differ otherwise (another architecture)."""
         own = self.state_dict()
         classes = {k for k in own if k.rsplit(".", 1)[0] in self.class_layers()}
-        differ = self.mismatched(state, skip=classes)
+        fresh = set() if any(k.startswith(AUDIO_MODULES) for k in state) else \
+            {k for k in own if k.startswith(AUDIO_MODULES)}              # an image model gets the audio branch
+        differ = sorted(set(self.mismatched(state, skip=classes)) - fresh)
         if differ:
             raise ValueError(f"tensors missing or of another shape: {', '.join(differ[:8])}"
                              + (f" and {len(differ) - 8} more" if len(differ) > 8 else ""))
         pairs = [(0, 0)] + [(i + 1, old_chars.index(c) + 1) for i, c in enumerate(new_chars) if c in old_chars]
         new_rows, old_rows = (torch.tensor(rows) for rows in zip(*pairs))
-        for key in own:
+        for key in set(own) - fresh:
             if key in classes:
                 own[key][new_rows] = state[key][old_rows].to(own[key].dtype)
             else:

@@ -301,12 +301,13 @@ def comparable(section: str, key: str, value):
     return value
 
 
-def check_compatible(ckpt: dict, cfg: DictConfig, path, texts=None, sections=("arch", "preproc")) -> None:
-    """Fail with what differs when a checkpoint does not match the config's `sections`, or when training `texts`
-    hold characters the checkpoint's charset lacks."""
+def check_compatible(ckpt: dict, cfg: DictConfig, path, texts=None, sections=("arch", "preproc"),
+                     ignore=()) -> None:
+    """Fail with what differs when a checkpoint does not match the config's `sections` (but the keys in `ignore`,
+    e.g. "arch.audio"), or when training `texts` hold characters the checkpoint's charset lacks."""
     diffs = [f"{section}.{k}: checkpoint {ckpt[section].get(k)!r} vs config {v!r}"
-             for section in sections for k, v in to_plain(cfg[section]).items()
-             if comparable(section, k, ckpt[section].get(k)) != comparable(section, k, v)]
+             for section in sections for k, v in to_plain(cfg[section]).items() if f"{section}.{k}" not in ignore
+             and comparable(section, k, ckpt[section].get(k)) != comparable(section, k, v)]
     if diffs:
         raise UserError(f"checkpoint {path} was trained with another architecture: " + "; ".join(diffs)
                         + ". Use the config it was trained with (saved as config.yaml in its run directory).")

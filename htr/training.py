@@ -25,9 +25,9 @@ from htr.recipe import lr_factor, stage_config
 from htr.runlog import RunLog
 from htr.weight_ema import WeightEMA
 from models import HTRNet, ctc_loss, output_frames, parameter_report
-from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, load_checkpoint,
-                   make_optimizer, mixed_precision, remove_stale_temp_files, resolve_device, save_checkpoint,
-                   set_torch_threads, to_plain, train_memory_format, use_fixed_size_kernels)
+from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, comparable,
+                   load_checkpoint, make_optimizer, mixed_precision, remove_stale_temp_files, resolve_device,
+                   save_checkpoint, set_torch_threads, to_plain, train_memory_format, use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
 
@@ -153,8 +153,10 @@ class Trainer:
         return charset
 
     def _init_weights(self, ckpt: dict, path) -> None:
-        """The recognizer's weights, and the connector's when both runs have the LLM path (an align run's)."""
-        check_compatible(ckpt, self.cfg, path, sections=("arch",))
+        """The recognizer's weights, and the connector's when both runs have the LLM path (an align run's); an
+        image-only model's weights start a model with the audio branch, the branch itself fresh."""
+        grows = self.model.has_audio and comparable("arch", "audio", ckpt["arch"].get("audio")) is None
+        check_compatible(ckpt, self.cfg, path, sections=("arch",), ignore=("arch.audio",) if grows else ())
         try:
             self.model.load_resized(ckpt["model"], ckpt["charset"], self.charset.chars)
         except ValueError as e:
@@ -167,8 +169,9 @@ class Trainer:
                 raise UserError(f"train.init_from={path}: {e}") from None
             log.info("connector from %s (trained for llm.name=%s)", path, ckpt["llm"]["name"])
         shared = set(ckpt["charset"]) & set(self.charset.chars)
-        log.info("initialised from %s: %d of %d characters shared, %d new", path, len(shared),
-                 len(self.charset.chars), len(self.charset.chars) - len(shared))
+        log.info("initialised from %s: %d of %d characters shared, %d new%s", path, len(shared),
+                 len(self.charset.chars), len(self.charset.chars) - len(shared),
+                 "; the audio branch starts fresh" if grows else "")
 
     def _llm(self):
         from htr.llm_assist import LLMLoadError, TapGradients, build_llm_assist

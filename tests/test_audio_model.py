@@ -15,7 +15,7 @@ from htr.audio_model import AudioEncoder, mix_names, modality_dropout, modality_
 from htr.evaluation import evaluate
 from htr.speech_writer import write_speech
 from models import HTRNet
-from utils import Charset, UserError, check_compatible, load_config, to_plain
+from utils import Charset, UserError, check_compatible, load_checkpoint, load_config, to_plain
 
 CONFIG = ROOT / "config.yaml"
 AUDIO = ["arch.audio.enabled=true", "arch.audio.channels=8", "arch.audio.hidden=16", "arch.audio.layers=1",
@@ -241,3 +241,18 @@ def test_onnx_export_reads_image_audio_and_both_like_pytorch(trained, tmp_path):
         {m: on_torch[m]["cer"] for m in ("image", "audio", "both")}
     with pytest.raises(UserError, match="audio branch's Fourier transform"):
         export.main([str(CONFIG), *overrides, f"resume={fused}", "export.int8=true", str(tmp_path / "q.onnx")])
+
+
+def test_an_image_model_starts_a_model_with_the_audio_branch(trained):
+    """train.init_from an image-only run: its weights are copied, the audio branch starts fresh; resuming it with
+    the audio branch on is still refused."""
+    root, overrides, fused, image_only = trained
+    cfg = load_config(CONFIG, overrides + [f"train.init_from={image_only}", "train.num_epochs=1",
+                                           "model.run_name=grown"])
+    t = training.Trainer(cfg)
+    old, new = load_checkpoint(image_only)["model"], t.model.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    assert any(k.startswith("fusion.") for k in new)
+    with pytest.raises(UserError, match="arch.audio"):
+        training.Trainer(load_config(CONFIG, overrides + [f"resume={image_only}"]), (load_checkpoint(image_only),
+                                                                                       image_only))
