@@ -146,6 +146,8 @@ class CTCOutput(NamedTuple):
                                           # path reads (a hook on it sees the whole gradient): 'backbone' (C = the
                                           # backbone's channels), 'rnn1' and 'rnn_last' (C = 2 * hidden; recurrent
                                           # heads only)
+    audio: Optional[tuple] = None         # with the audio branch: (logits (Ta, B, K) of the audio CTC shortcut,
+                                          # valid audio frames (B,)), for its auxiliary loss
 
 
 class CTCtopB(nn.Module):
@@ -199,7 +201,7 @@ class CTCtopB(nn.Module):
         return CTCOutput(logits, short, features)
 
 
-AUDIO_MODULES = ("audio_encoder.", "fusion.")              # state-dict prefixes of the audio branch
+AUDIO_MODULES = ("audio_encoder.", "fusion.", "audio_shortcut.")  # state-dict prefixes of the audio branch
 
 
 class HTRNet(nn.Module):
@@ -216,6 +218,7 @@ class HTRNet(nn.Module):
         if audio is not None and audio.enabled:
             self.audio_encoder = AudioEncoder(width, audio.n_mels, audio.channels, audio.hidden, audio.layers)
             self.fusion = CrossModalFusion(width, audio.heads, audio.dropout)
+            self.audio_shortcut = nn.Linear(width, n_classes)            # CTC from the audio frames alone
         self.head = CTCtopB(width, n_classes, arch.head_type, arch.rnn_type, arch.rnn_layers, arch.rnn_hidden_size,
                             arch.rnn_dropout)
 
@@ -227,16 +230,17 @@ class HTRNet(nn.Module):
         """audio: dataset.AudioBatch or None; image_on / audio_on (B,) bool (htr.audio_model.modality_masks),
         default: the image of every line and the audio of those that have it."""
         feats = self.backbone(x)                                           # (B, C, 1, T)
-        if audio is not None and self.has_audio:
-            feats = self.fuse(feats, audio, image_on, audio_on)
-        return self.head(feats)
+        if audio is None or not self.has_audio:
+            return self.head(feats)
+        heard, n = self.audio_encoder(audio.waves.to(feats.device), audio.lengths.to(feats.device))  # (B, Ta, C)
+        out = self.head(self.fuse(feats, heard, n, audio.lengths.to(feats.device) > 0, image_on, audio_on))
+        return out._replace(audio=(self.audio_shortcut(heard).transpose(0, 1), n))   # (Ta, B, K)
 
-    def fuse(self, feats, audio, image_on=None, audio_on=None):
-        """Visual features (B, C, 1, T) fused with the audio frames -> (B, C, 1, T)."""
-        has = audio.lengths.to(feats.device) > 0                           # (B,)
+    def fuse(self, feats, heard, n, has, image_on=None, audio_on=None):
+        """Visual features (B, C, 1, T) fused with the audio frames heard (B, Ta, C), n of them valid per line,
+        for the lines that `has` a reading -> (B, C, 1, T)."""
         image_on = torch.ones_like(has) if image_on is None else image_on.to(feats.device)
         audio_on = has if audio_on is None else audio_on.to(feats.device) & has
-        heard, n = self.audio_encoder(audio.waves.to(feats.device), audio.lengths.to(feats.device))
         frames = feats.squeeze(2).transpose(1, 2)                          # (B, T, C)
         fused = self.fusion(frames, heard.to(frames.dtype), n, image_on, audio_on)
         return fused.transpose(1, 2).unsqueeze(2)                          # (B, C, 1, T)
@@ -252,7 +256,7 @@ class HTRNet(nn.Module):
     def class_layers(self) -> list:
         """State-dict prefixes of the layers with one output row per class (the CTC blank first)."""
         return (["head.fc.3"] if self.head.head_type != "cnn" else []) + \
-            (["head.shortcut"] if self.head.head_type != "rnn" else [])
+            (["head.shortcut"] if self.head.head_type != "rnn" else []) + (["audio_shortcut"] if self.has_audio else [])
 
     def mismatched(self, state: dict, skip=()) -> list:
         """Keys present in only one of `state` and this model's state_dict, or whose shapes differ (shapes are not
@@ -284,12 +288,13 @@ class HTRNet(nn.Module):
         self.load_state_dict(own)
 
 
-def ctc_loss(logits: torch.Tensor, targets, target_lengths, per_line: bool = False) -> torch.Tensor:
+def ctc_loss(logits: torch.Tensor, targets, target_lengths, per_line: bool = False,
+             input_lengths=None) -> torch.Tensor:
     """CTC (sum over the batch, zero_infinity) / batch size, always in fp32; per_line: the (B,) losses themselves.
-    logits (T, B, K)."""
+    logits (T, B, K); input_lengths (B,): the valid frames of each line (default: all T)."""
     T, B, _ = logits.shape
     log_probs = logits.float().log_softmax(2)                              # (T, B, K)
-    input_lengths = torch.full((B,), T, dtype=torch.long)
+    input_lengths = torch.full((B,), T, dtype=torch.long) if input_lengths is None else input_lengths.cpu()
     lines = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none", zero_infinity=True)
     return lines if per_line else lines.sum() / B
 
@@ -314,7 +319,7 @@ def count_parameters(module: nn.Module) -> int:
 def parameter_report(model: HTRNet) -> dict:
     """Parameter counts per module (the audio branch's when it has one), for the start-of-training log and the
     benchmark."""
-    audio = {"audio": count_parameters(model.audio_encoder) + count_parameters(model.fusion)} \
+    audio = {"audio": sum(count_parameters(m) for m in (model.audio_encoder, model.fusion, model.audio_shortcut))} \
         if model.has_audio else {}
     return {"backbone": count_parameters(model.backbone), "head": count_parameters(model.head), **audio,
             "total": count_parameters(model)}

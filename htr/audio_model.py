@@ -145,3 +145,13 @@ def loss_per_mix(per_line: torch.Tensor, mixes: list) -> dict:
     log's columns stay the same from step to step)."""
     rows = {m: [k for k, x in enumerate(mixes) if x == m] for m in MODES}
     return {f"ctc_{m}": per_line[k].mean() if k else per_line.new_tensor(math.nan) for m, k in rows.items()}
+
+
+def audio_ctc_loss(logits: torch.Tensor, frames: torch.Tensor, targets, target_lengths) -> torch.Tensor:
+    """The audio CTC shortcut's loss: CTC over the valid audio frames (Ta, B, K), summed per line, averaged over the
+    lines that have a reading (lines without one add nothing). It teaches the audio encoder from every reading,
+    whatever modality dropout chose (the fusion alone sees a reading in half of the lines)."""
+    from models import ctc_loss
+    has = frames > 0
+    lines = ctc_loss(logits, targets, target_lengths, per_line=True, input_lengths=frames.clamp(min=1))   # (B,)
+    return (lines * has.to(lines.device)).sum() / has.sum().clamp(min=1)

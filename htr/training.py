@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dataset import STOP_SIGNALS, EpochBatchSampler, line_loader, worker_count
 from htr.audio import open_split
-from htr.audio_model import loss_per_mix, mix_names, modality_dropout
+from htr.audio_model import audio_ctc_loss, loss_per_mix, mix_names, modality_dropout
 from htr.inference import predict
 from htr.metrics import corpus_cer, error_counts, rates
 from htr.recipe import lr_factor, stage_config
@@ -297,7 +297,8 @@ class Trainer:
         return stop
 
     def loss(self, batch) -> dict:
-        """L = L_CTC + shortcut_weight * L_shortcut + α * L_LLM (align stage: L_LLM alone). L_CTC is summed per
+        """L = L_CTC + shortcut_weight * L_shortcut (+ audio_ctc_weight * the audio shortcut's) + α * L_LLM (align
+        stage: L_LLM alone). L_CTC is summed per
         line; `ctc_per_char` (per target character, the scale of L_LLM's per-token mean) is logged beside it, and
         with the audio branch the CTC loss of the lines read from each modality mix (ctc_image, ctc_audio, ...)."""
         images, targets, lengths, texts = batch.images.to(self.acc.device, non_blocking=True), *batch[1:4]
@@ -314,7 +315,10 @@ class Trainer:
                 losses.update(loss_per_mix(per_line.detach(), mix_names(*masks)))
             if out.shortcut is not None and self.cfg.train.shortcut_weight:
                 losses["shortcut"] = ctc_loss(out.shortcut, targets, lengths)
-        total = losses.get("ctc", 0.0) + self.cfg.train.shortcut_weight * losses.get("shortcut", 0.0)
+            if out.audio is not None and self.cfg.train.audio_ctc_weight:
+                losses["audio_ctc"] = audio_ctc_loss(*out.audio, targets, lengths)
+        total = losses.get("ctc", 0.0) + self.cfg.train.shortcut_weight * losses.get("shortcut", 0.0) + \
+            self.cfg.train.audio_ctc_weight * losses.get("audio_ctc", 0.0)
         if self.llm is not None:
             # the very tensor the CTC path reads, from the head's hook: accelerate's mixed precision hands the
             # model's outputs back as fp32 copies, whose gradient would be the LLM's alone (TapGradients)

@@ -14,7 +14,7 @@ from htr.audio import SpokenLines, open_split
 from htr.audio_model import AudioEncoder, mix_names, modality_dropout, modality_masks
 from htr.evaluation import evaluate
 from htr.speech_writer import write_speech
-from models import HTRNet
+from models import AUDIO_MODULES, HTRNet
 from utils import Charset, UserError, check_compatible, load_checkpoint, load_config, to_plain
 
 CONFIG = ROOT / "config.yaml"
@@ -44,8 +44,8 @@ def test_audio_off_is_the_image_only_model_and_its_checkpoints_still_load(tiny_o
     """No audio weights without arch.audio.enabled; a checkpoint from before the audio branch (no arch.audio)
     matches a config with it off, but not one with it on."""
     off, on = tiny_model(tiny_overrides), tiny_model(tiny_overrides + AUDIO)
-    assert not any(k.startswith(("audio_encoder", "fusion")) for k in off.state_dict())
-    assert {k for k in on.state_dict() if not k.startswith(("audio_encoder", "fusion"))} == set(off.state_dict())
+    assert not any(k.startswith(AUDIO_MODULES) for k in off.state_dict())
+    assert {k for k in on.state_dict() if not k.startswith(AUDIO_MODULES)} == set(off.state_dict())
     cfg = load_config(CONFIG, tiny_overrides)
     old_arch = {k: v for k, v in to_plain(cfg.arch).items() if k != "audio"}
     old = {"arch": old_arch, "preproc": to_plain(cfg.preproc), "charset": "abcd"}
@@ -140,6 +140,7 @@ def test_trains_from_the_audio_alone_and_logs_each_mix(spoken):
     first, last = t.runlog.rows[0], t.runlog.rows[-1]
     assert "train_ctc_image" not in last and "train_ctc_both" not in last   # no line read from those
     assert last["train_ctc_audio"] < first["train_ctc_audio"] / 20, (first, last)
+    assert last["train_audio_ctc"] < first["train_audio_ctc"] / 2, (first, last)   # the audio CTC shortcut
     mixed = training.Trainer(load_config(CONFIG, overrides + ["train.num_epochs=2", "model.run_name=mixed"]))
     mixed.fit()
     logged = set().union(*mixed.runlog.rows)
