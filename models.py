@@ -299,6 +299,15 @@ def ctc_loss(logits: torch.Tensor, targets, target_lengths, per_line: bool = Fal
     return lines if per_line else lines.sum() / B
 
 
+def audio_ctc_loss(logits: torch.Tensor, frames: torch.Tensor, targets, target_lengths) -> torch.Tensor:
+    """The audio CTC shortcut's loss: CTC over the valid audio frames (Ta, B, K), summed per line, averaged over the
+    lines that have a reading (lines without one add nothing). It teaches the audio encoder from every reading,
+    whatever modality dropout chose (which reads only a quarter of them from the audio alone)."""
+    has = frames > 0
+    lines = ctc_loss(logits, targets, target_lengths, per_line=True, input_lengths=frames.clamp(min=1))   # (B,)
+    return (lines * has.to(lines.device)).sum() / has.sum().clamp(min=1)
+
+
 def fuse_conv_bn(model: nn.Module) -> nn.Module:
     """Inference only: fold every BatchNorm2d into the Conv2d registered just before it (BasicBlock, conv_bn_act).
     Same outputs up to rounding, one pass over memory less per conv (~20% faster eval on CPU)."""

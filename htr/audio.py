@@ -190,6 +190,7 @@ def mel_frequencies(n_mels: int, f_min: float, f_max: float) -> np.ndarray:
     return 700 * (10 ** (mel / 2595) - 1)
 
 
+@functools.cache                                     # built once per size, not at every forward
 def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, f_min: float, f_max: float) -> torch.Tensor:
     """(n_mels, n_fft // 2 + 1) triangular filters, each peaking at 1 on its centre frequency."""
     edges = torch.from_numpy(mel_frequencies(n_mels, f_min, f_max)).float()           # (n_mels + 2,)
@@ -199,6 +200,7 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, f_min: float, f_ma
     return torch.clamp(torch.minimum(rising, falling), min=0)
 
 
+@functools.cache                                     # built once per size, not at every forward
 def dft_basis(n_fft: int) -> torch.Tensor:
     """(2F, 1, n_fft) Hann-windowed cosines and sines of the F = n_fft // 2 + 1 bins: a Conv1d weight that computes
     the short-time Fourier transform (exportable to ONNX, where torch.stft's complex output is not)."""

@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from htr.audio import log_mel
 
-HOP = 160                                      # log-mel hop: 10 ms at 16 kHz (htr.audio.log_mel's default)
+HOP = 160                                      # log-mel hop: 10 ms at 16 kHz
 MODES = ("image", "audio", "both")             # what a line is read from
 
 
@@ -51,7 +51,7 @@ class AudioEncoder(nn.Module):
         return (mel - mean) / std * w
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple:
-        mel = log_mel(waves.float(), n_mels=self.n_mels)                        # (B, n_mels, F)
+        mel = log_mel(waves.float(), n_mels=self.n_mels, hop=HOP)               # (B, n_mels, F)
         n = torch.where(lengths > 0, lengths // HOP + 1, 0)                     # (B,) valid mel frames
         y = self.normalise(mel, valid_frames(n, mel.shape[2])).unsqueeze(1)     # (B, 1, n_mels, F)
         for conv in self.front:                       # padding stays 0, as beyond the end of a line alone
@@ -146,12 +146,3 @@ def loss_per_mix(per_line: torch.Tensor, mixes: list) -> dict:
     rows = {m: [k for k, x in enumerate(mixes) if x == m] for m in MODES}
     return {f"ctc_{m}": per_line[k].mean() if k else per_line.new_tensor(math.nan) for m, k in rows.items()}
 
-
-def audio_ctc_loss(logits: torch.Tensor, frames: torch.Tensor, targets, target_lengths) -> torch.Tensor:
-    """The audio CTC shortcut's loss: CTC over the valid audio frames (Ta, B, K), summed per line, averaged over the
-    lines that have a reading (lines without one add nothing). It teaches the audio encoder from every reading,
-    whatever modality dropout chose (the fusion alone sees a reading in half of the lines)."""
-    from models import ctc_loss
-    has = frames > 0
-    lines = ctc_loss(logits, targets, target_lengths, per_line=True, input_lengths=frames.clamp(min=1))   # (B,)
-    return (lines * has.to(lines.device)).sum() / has.sum().clamp(min=1)

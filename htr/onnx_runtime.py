@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from htr.audio_model import MODES
+from dataset import AudioBatch
+from htr.audio_model import modality_masks
 from htr.inference import load_model
 from utils import Charset, UserError
 
@@ -63,13 +64,13 @@ class OnnxRecognizer:
 
 
 def audio_feed(batch: int, audio, modality: str) -> dict:
-    """The graph's audio inputs: no reading is one zero sample of length 0; 'image' reads none either."""
-    if modality not in MODES:
-        raise ValueError(f"modality must be one of {', '.join(MODES)}, got {modality!r}")
-    waves = torch.zeros(batch, 1) if audio is None else audio.waves.float()
-    lengths = torch.zeros(batch, dtype=torch.long) if audio is None or modality == "image" else audio.lengths
-    image_on = torch.full((batch,), modality != "audio")
-    return {"audio": waves.contiguous().numpy(), "audio_lengths": lengths.numpy(), "image_on": image_on.numpy()}
+    """The graph's audio inputs, the modality as modality_masks says: no reading (or one not read) is length 0."""
+    if audio is None:
+        audio = AudioBatch(torch.zeros(batch, 1), torch.zeros(batch, dtype=torch.long))
+    image_on, audio_on = modality_masks(audio.lengths > 0, modality)
+    lengths = torch.where(audio_on, audio.lengths, 0)
+    return {"audio": audio.waves.float().contiguous().numpy(), "audio_lengths": lengths.numpy(),
+            "image_on": image_on.numpy()}
 
 
 def load_recognizer(cfg, path, runtime: str = "torch", device="cpu", channels_last: bool = False) -> tuple:

@@ -18,13 +18,13 @@ from tqdm import tqdm
 
 from dataset import STOP_SIGNALS, EpochBatchSampler, line_loader, worker_count
 from htr.audio import open_split
-from htr.audio_model import audio_ctc_loss, loss_per_mix, mix_names, modality_dropout
+from htr.audio_model import loss_per_mix, mix_names, modality_dropout
 from htr.inference import predict
 from htr.metrics import corpus_cer, error_counts, rates
 from htr.recipe import lr_factor, stage_config
 from htr.runlog import RunLog
 from htr.weight_ema import WeightEMA
-from models import HTRNet, ctc_loss, output_frames, parameter_report
+from models import HTRNet, audio_ctc_loss, ctc_loss, output_frames, parameter_report
 from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, comparable,
                    load_checkpoint, make_optimizer, mixed_precision, remove_stale_temp_files, resolve_device,
                    save_checkpoint, set_torch_threads, to_plain, train_memory_format, use_fixed_size_kernels)
