@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import AudioBatch, EpochBatchSampler, LineDataset, line_loader, worker_count
 from htr.audio import SAMPLE_RATE
+from htr.cuda_graphs import GraphedForward, check_cuda_graphs
 from models import HTRNet, ctc_loss, fuse_conv_bn, parameter_report
 from utils import (Charset, autocast_dtype, make_optimizer, mixed_precision, require_cpp_compiler, resolve_device,
                    set_torch_threads, train_memory_format, usable_cpus, use_fixed_size_kernels)
@@ -56,7 +57,7 @@ def random_readings(model: HTRNet, b: int, device):
 class Variant:
     """One way of running the model: baseline or tuned."""
 
-    def __init__(self, cfg, device, tuned: bool, compile_model: bool, llm=None):
+    def __init__(self, cfg, device, tuned: bool, compile_model: bool, llm=None, graphs: bool = False):
         torch.manual_seed(0)
         self.llm, self.llm_ratio, self.llm_tap = llm, cfg.train.llm_sample_ratio, cfg.train.llm_tap
         self.device, self.tuned = device, tuned
@@ -67,6 +68,8 @@ class Variant:
         if compile_model:      # compiled (torch 2.13), the encoder's inference fast path is taken under autocast
             torch.backends.mha.set_fastpath_enabled(False)             # and fails: bf16 x fp32 matmul
         self.forward = torch.compile(self.model) if compile_model else self.model
+        if graphs:                                                     # train.cuda_graphs, as trainer.py runs it
+            self.forward = GraphedForward(self.model)
         params = list(self.model.parameters()) + (llm.trainable_parameters() if llm else [])
         self.optimizer = make_optimizer(params, lr=1e-4)
 
@@ -83,7 +86,8 @@ class Variant:
 
     def train_step(self, x, targets, lengths):
         self.model.train()
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None,
+                            cache_enabled=not isinstance(self.forward, GraphedForward)):
             out = self.forward(x, random_readings(self.model, len(x), self.device))
             loss = ctc_loss(out.logits, targets, lengths) + 0.1 * ctc_loss(out.shortcut, targets, lengths)
             if self.llm is not None:
@@ -228,15 +232,19 @@ def benchmark(cfg, config: str, steps: int = 3, compile_model: bool = False, llm
         return {"cpu": cpu_name(), "image": [cfg.preproc.image_height, cfg.preproc.image_width],
                 "loader": measure_loader(cfg, workers, loader_lines)}
     device = resolve_device(cfg.device)
+    check_cuda_graphs(cfg, device, processes=1)
     if compile_model:
         require_cpp_compiler(device, "--compile", "leave out --compile")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline = measure(Variant(cfg, device, tuned=False, compile_model=False), cfg, steps)
     use_fixed_size_kernels(device)                # the tuned path, as trainer.py and evaluate.py set it
-    tuned_variant = Variant(cfg, device, tuned=True, compile_model=compile_model)
+    tuned_variant = Variant(cfg, device, tuned=True, compile_model=compile_model, graphs=cfg.train.cuda_graphs)
     parameters = parameter_report(tuned_variant.model)
     tuned = measure(tuned_variant, cfg, steps)
+    if cfg.train.cuda_graphs:                                  # the same tuned train step without the graphs
+        eager = measure(Variant(cfg, device, tuned=True, compile_model=compile_model), cfg, steps)
+        tuned["train_lines_per_s_without_cuda_graphs"] = eager["train_lines_per_s"]
     gflop = forward_gflop_per_line(cfg)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -245,6 +253,7 @@ def benchmark(cfg, config: str, steps: int = 3, compile_model: bool = False, llm
         "tuned_settings": {
             "train_mixed_precision": mixed_precision(cfg.train.mixed_precision, device, "train.mixed_precision"),
             "train_channels_last": train_memory_format(cfg.train.channels_last, device) == torch.channels_last,
+            "train_cuda_graphs": cfg.train.cuda_graphs,
             "eval_mixed_precision": mixed_precision(cfg.eval.mixed_precision, device, "eval.mixed_precision")},
         "image": [cfg.preproc.image_height, cfg.preproc.image_width],
         "train_batch": cfg.train.batch_size, "eval_batch": cfg.eval.batch_size, "compile": compile_model,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from dataset import STOP_SIGNALS, EpochBatchSampler, line_loader, worker_count
 from htr.audio import open_split
 from htr.audio_model import loss_per_mix, mix_names, modality_dropout
+from htr.cuda_graphs import GraphedForward, check_cuda_graphs
 from htr.inference import predict
 from htr.metrics import corpus_cer, error_counts, rates
 from htr.recipe import lr_factor, stage_config
@@ -44,12 +45,14 @@ def git_commit() -> str:
 
 def make_accelerator(cfg):
     from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
     device = resolve_device(cfg.device)
     use_fixed_size_kernels(device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     mp = mixed_precision(cfg.train.mixed_precision, device, "train.mixed_precision")
-    return Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
+    graphs = [AutocastKwargs(cache_enabled=False)] if cfg.train.cuda_graphs else []    # a graph cannot use the cache
+    return Accelerator(mixed_precision=mp, cpu=device.type == "cpu", kwargs_handlers=graphs)
 
 
 class Trainer:
@@ -57,6 +60,7 @@ class Trainer:
         cfg = self.cfg = stage_config(cfg)
         self.frozen = cfg.train.stage == "align"                           # the recognizer does not train
         self.acc = make_accelerator(cfg)
+        check_cuda_graphs(cfg, self.acc.device, self.acc.num_processes)
         if not self.acc.is_main_process:
             log.setLevel(logging.WARNING)                                  # one process reports
         torch.manual_seed(cfg.seed)
@@ -99,6 +103,7 @@ class Trainer:
             self.model, self.optimizer = self.model.to(self.acc.device), self.acc.prepare(self.optimizer)
         else:
             self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.forward = GraphedForward(self.model) if cfg.train.cuda_graphs else self.model
         if self.llm is not None:
             self.llm = self.acc.prepare(self.llm)                          # autocast (and DDP on several GPUs)
         self.run_dir = self._run_dir(cfg.resume)
@@ -305,7 +310,7 @@ class Trainer:
         images = images.contiguous(memory_format=self.fmt)
         masks = self._modalities(batch.audio)
         with torch.set_grad_enabled(not self.frozen):
-            out = self.model(images, batch.audio, *masks)
+            out = self.forward(images, batch.audio, *masks)
         losses = {}
         if not self.frozen:
             per_line = ctc_loss(out.logits, targets, lengths, per_line=True)           # (B,)
