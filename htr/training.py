@@ -25,7 +25,7 @@ from htr.metrics import corpus_cer, error_counts, rates
 from htr.recipe import lr_factor, stage_config
 from htr.runlog import RunLog
 from htr.weight_ema import WeightEMA
-from models import HTRNet, audio_ctc_loss, ctc_loss, output_frames, parameter_report
+from models import AUDIO_MODULES, HTRNet, audio_ctc_loss, ctc_loss, output_frames, parameter_report
 from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, comparable,
                    load_checkpoint, make_optimizer, mixed_precision, remove_stale_temp_files, resolve_device,
                    save_checkpoint, set_torch_threads, to_plain, train_memory_format, use_fixed_size_kernels)
@@ -77,6 +77,8 @@ class Trainer:
             self.model.head.register_forward_hook(lambda module, args, out: self.features.update(out.features))
         if init is not None:
             self._init_weights(*init)
+        if cfg.train.freeze_image_path:
+            self._freeze_image_path()
         self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay and not self.frozen else None
         self.clip_groups = self._clip_groups()
         self.optimizer = make_optimizer([{"params": params, "lr": lr} for params, lr, _ in self.clip_groups],
@@ -194,12 +196,22 @@ class Trainer:
                      "inductor caches it on disk for later runs)")
         return assist
 
+    def _freeze_image_path(self) -> None:
+        """train.freeze_image_path: the backbone and the head keep the image model's weights (the backbone its
+        BatchNorm statistics too, train_epoch); only the audio branch and the fusion train."""
+        cfg = self.cfg
+        if not cfg.arch.audio.enabled or not (cfg.train.init_from or cfg.resume):
+            raise UserError("train.freeze_image_path=true trains the audio branch beside a trained image model: set "
+                            "arch.audio.enabled=true and train.init_from=RUN/best.pt (an image-only run)")
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.startswith(AUDIO_MODULES))
+
     def _clip_groups(self) -> list:
         """(parameters, learning rate, max gradient norm) of the recognizer and of the connector: each clipped on
         its own, so a large α·L_LLM cannot shrink CTC's step through one global norm."""
         train, groups = self.cfg.train, []
         if not self.frozen:
-            groups.append((list(self.model.parameters()), train.lr, train.grad_clip))
+            groups.append(([p for p in self.model.parameters() if p.requires_grad], train.lr, train.grad_clip))
         if self.llm is not None:
             groups.append((self.llm.trainable_parameters(), train.llm_lr or train.lr, train.llm_grad_clip))
         return groups
@@ -362,6 +374,8 @@ class Trainer:
     def train_epoch(self) -> dict:
         """The rest of the current epoch; returns mean losses and throughput, or None when stopped before its end."""
         self.model.train(not self.frozen)
+        if self.cfg.train.freeze_image_path:
+            self.acc.unwrap_model(self.model).backbone.eval()                # its BatchNorm statistics stay
         if self.llm is not None:
             self.llm.train()                                               # connector dropout; the LLM stays eval
         self.sampler.set_epoch(self.epoch, self.epoch_step)

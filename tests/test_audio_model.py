@@ -257,3 +257,20 @@ def test_an_image_model_starts_a_model_with_the_audio_branch(trained):
     with pytest.raises(UserError, match="arch.audio"):
         training.Trainer(load_config(CONFIG, overrides + [f"resume={image_only}"]), (load_checkpoint(image_only),
                                                                                        image_only))
+
+
+def test_freeze_image_path_trains_the_audio_branch_alone(trained):
+    """train.freeze_image_path: the backbone and the head end with the image model's weights and BatchNorm
+    statistics (so a line read from its image alone reads as the image model reads it); the audio branch trained."""
+    root, overrides, fused, image_only = trained
+    cfg = load_config(CONFIG, overrides + [f"train.init_from={image_only}", "train.num_epochs=2",
+                                           "train.freeze_image_path=true", "model.run_name=frozen"])
+    t = training.Trainer(cfg)
+    start = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.fit()
+    old, new = load_checkpoint(image_only)["model"], t.acc.unwrap_model(t.model).state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    assert any(not torch.equal(start[k], new[k]) for k in new if k.startswith(AUDIO_MODULES))
+    with pytest.raises(UserError, match="train.freeze_image_path=true trains the audio branch beside a trained "
+                                        "image model: set arch.audio.enabled=true and train.init_from="):
+        training.Trainer(load_config(CONFIG, overrides + ["train.freeze_image_path=true", "model.run_name=x"]))
