@@ -1,8 +1,9 @@
-"""What a run records, in its directory: per-step training losses (train_steps.csv, append-only), per-epoch metrics
+"""What a run records, in its directory (and the commit it ran from): per-step training losses (train_steps.csv, append-only), per-epoch metrics
 (metrics.csv, rewritten atomically), TensorBoard scalars, and learning_curve.png (smoothed per-step losses above,
 with the LLM path's validation losses; validation CER below, and the LLM reading test's)."""
 import csv
 import logging
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,17 @@ SMOOTHED_POINTS = 40              # the plot's per-step losses are averaged over
 COUNTS = ("epoch", "step", "val_lines")
 LLM_VAL_CURVES = (("val_llm", "o-", "val L_LLM"), ("val_llm_shuffled", "x--", "val, another line's prefix"),
                   ("val_llm_text_only", "s:", "val, text alone"))
+
+
+def git_commit() -> str:
+    """HEAD of the repository this code runs from, "-dirty" with uncommitted changes; "unknown" outside git."""
+    try:
+        here = Path(__file__).resolve().parents[1]                    # the repository
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
+        return commit.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def read_rows(path: Path, key: str) -> list:

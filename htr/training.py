@@ -5,7 +5,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -23,7 +22,7 @@ from htr.cuda_graphs import GraphedForward, check_cuda_graphs
 from htr.inference import predict
 from htr.metrics import corpus_cer, error_counts, rates
 from htr.recipe import lr_factor, stage_config
-from htr.runlog import RunLog
+from htr.runlog import RunLog, git_commit
 from htr.weight_ema import WeightEMA
 from models import AUDIO_MODULES, HTRNet, audio_ctc_loss, ctc_loss, output_frames, parameter_report
 from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, comparable,
@@ -31,16 +30,6 @@ from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype
                    save_checkpoint, set_torch_threads, to_plain, train_memory_format, use_fixed_size_kernels)
 
 log = logging.getLogger("htr")
-
-
-def git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parents[1]                    # the repository
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
-        return commit.stdout.strip() + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_accelerator(cfg):
