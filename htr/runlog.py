@@ -1,6 +1,7 @@
-"""What a run records, in its directory (and the commit it ran from): per-step training losses (train_steps.csv, append-only), per-epoch metrics
+"""What a run records, in its directory: per-step training losses (train_steps.csv, append-only), per-epoch metrics
 (metrics.csv, rewritten atomically), TensorBoard scalars, and learning_curve.png (smoothed per-step losses above,
-with the LLM path's validation losses; validation CER below, and the LLM reading test's)."""
+with the LLM path's validation losses; validation CER below, and the LLM reading test's); and the commit it ran
+from (git_commit, for run_info.json)."""
 import csv
 import logging
 import subprocess

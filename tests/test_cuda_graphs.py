@@ -92,7 +92,7 @@ def cuda_batch(b: int = 4, seed: int = 0):
 
 def train_steps(model, forward, batches) -> list:
     """Loss and gradients of each step, with an AdamW step between them."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     seen = []
     for images, targets, lengths in batches:
         out = forward(images, None)
