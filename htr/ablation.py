@@ -39,40 +39,68 @@ def parse_arms(specs: list) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ training
 
-def train(config: str, overrides: list, run_dir: Path) -> float:
-    """Train (or finish) one run with trainer.py; returns its training wall time in seconds (resumed runs add
-    up). A run is finished when its done.json exists."""
-    done = run_dir / "done.json"
-    if done.is_file():
-        return json.loads(done.read_text())["train_seconds"]
-    spent = json.loads((run_dir / "partial.json").read_text())["train_seconds"] \
-        if (run_dir / "partial.json").is_file() else 0.0
+def train_all(config: str, runs: list, jobs: int) -> dict:
+    """Train (or finish) every run of `runs` ([(run_dir, overrides)]) with trainer.py, `jobs` side by side; returns
+    {run_dir: training wall seconds} (a resumed run adds up its parts). A run is finished when its done.json exists.
+    SIGINT/SIGTERM sent to this process are passed on to every running trainer (each writes last.pt and exits); after
+    a signal or a failed run no new run starts, the running ones are stopped the same way (a failed run sends them one
+    SIGTERM, unless a signal already went), and the error names them."""
+    seconds = {d: json.loads((d / "done.json").read_text())["train_seconds"] for d, _ in runs
+               if (d / "done.json").is_file()}
+    queue = [(d, o) for d, o in runs if d not in seconds]
+    running, stopped, sent = {}, [], []                  # {trainer process: (run_dir, start time)}, names, signals
+
+    def stop(signum, frame=None):
+        queue.clear()
+        sent.append(signum)
+        for child in running:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                run_dir, overrides = queue.pop(0)
+                running[start(config, overrides, run_dir)] = (run_dir, time.perf_counter())
+            time.sleep(0.2)
+            for child in [c for c in running if c.poll() is not None]:
+                run_dir, t0 = running.pop(child)
+                spent = record(run_dir, time.perf_counter() - t0, finished=child.returncode == 0)
+                if child.returncode == 0:
+                    seconds[run_dir] = spent
+                    log.info("finished %s (%.1f min)", run_dir.name, spent / 60)
+                else:
+                    stopped.append(f"{run_dir.name} (exit status {child.returncode})")
+                    if not sent:                             # a second signal would stop the others without last.pt
+                        stop(signal.SIGTERM)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    unfinished = [d.name for d, _ in runs if d not in seconds]
+    if unfinished:
+        raise UserError(f"training stopped ({', '.join(stopped) or 'interrupted'}), unfinished: "
+                        f"{', '.join(unfinished)}; run the same command again to resume the ablation where it stopped")
+    return seconds
+
+
+def record(run_dir: Path, seconds: float, finished: bool) -> float:
+    """Add `seconds` to the run's earlier parts and write them to done.json (finished) or partial.json; returns the
+    total."""
+    partial = run_dir / "partial.json"
+    total = seconds + (json.loads(partial.read_text())["train_seconds"] if partial.is_file() else 0.0)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ("done.json" if finished else "partial.json")).write_text(json.dumps({"train_seconds": total}))
+    return total
+
+
+def start(config: str, overrides: list, run_dir: Path) -> subprocess.Popen:
+    """Start trainer.py on one run: from scratch, or resumed from its last.pt. It runs in its own session, so a
+    Ctrl-C in the terminal reaches it once, passed on by train_all, not twice (twice exits without last.pt)."""
     resume = [f"resume={run_dir / 'last.pt'}", "train.init_from=null"] if (run_dir / "last.pt").is_file() \
         else []                                                         # the run's own weights already hold init_from
-    cmd = [sys.executable, str(ROOT / "trainer.py"), config, *overrides, *resume]
     log.info("%s %s", "resuming" if resume else "training", run_dir.name)
-    t0 = time.perf_counter()
-    status = run_forwarding_signals(cmd)
-    spent += time.perf_counter() - t0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if status != 0:
-        (run_dir / "partial.json").write_text(json.dumps({"train_seconds": spent}))
-        raise UserError(f"training {run_dir.name} stopped (exit status {status}); run the same command again to "
-                        f"resume the ablation where it stopped")
-    done.write_text(json.dumps({"train_seconds": spent}))
-    return spent
-
-
-def run_forwarding_signals(cmd: list) -> int:
-    """Run `cmd`; SIGINT/SIGTERM sent to this process are passed on (the trainer then writes last.pt and exits)."""
-    child = subprocess.Popen(cmd, cwd=ROOT)
-    forward = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum))
-               for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return child.wait()
-    finally:
-        for s, handler in forward.items():
-            signal.signal(s, handler)
+    return subprocess.Popen([sys.executable, str(ROOT / "trainer.py"), config, *overrides, *resume], cwd=ROOT,
+                            start_new_session=True)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -163,9 +191,11 @@ def plot_curves(run_dirs: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def run(config: str, overrides: list, seeds: list, arm_specs: list, out: Path) -> None:
-    """Train and evaluate every arm (the base two and `arm_specs`) x seed under out/runs, then write out/ablation.csv,
-    out/ablation.md (also printed) and out/val_curves.png."""
+def run(config: str, overrides: list, seeds: list, arm_specs: list, out: Path, jobs: int = 1) -> None:
+    """Train (`jobs` runs side by side) and evaluate every arm (the base two and `arm_specs`) x seed under out/runs,
+    then write out/ablation.csv, out/ablation.md (also printed) and out/val_curves.png."""
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: the number of runs to train side by side must be at least 1")
     arms, out = parse_arms(arm_specs), out.resolve()
     plan = []                                # every arm's config is checked before the first one trains
     for arm, arm_overrides in arms.items():
@@ -176,11 +206,11 @@ def run(config: str, overrides: list, seeds: list, arm_specs: list, out: Path) -
             cfg = load_config(config, run_overrides)
             check_decode_mode(cfg)
             plan.append((arm, seed, run_dir, run_overrides, cfg))
+    seconds = train_all(str(Path(config).resolve()), [(run_dir, o) for _, _, run_dir, o, _ in plan], jobs)
     results, run_dirs = {}, {}
-    for arm, seed, run_dir, run_overrides, cfg in plan:
-        seconds = train(str(Path(config).resolve()), run_overrides, run_dir)
+    for arm, seed, run_dir, _, cfg in plan:
         best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
-        results.setdefault(arm, {})[seed] = {"errors": line_errors(cfg, best), "seconds": seconds}
+        results.setdefault(arm, {})[seed] = {"errors": line_errors(cfg, best), "seconds": seconds[run_dir]}
         run_dirs.setdefault(arm, {})[seed] = run_dir
     modes = list(next(iter(results["llm_off"].values()))["errors"])
     rows = [row for mode in modes for row in summarise(results, mode)]

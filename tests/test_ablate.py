@@ -1,6 +1,7 @@
-"""ablate.py: LLM-off vs LLM-on (tiny local Llama), one seed, fine-tuned from a checkpoint, interrupted and resumed,
-table and curves written."""
+"""ablate.py: LLM-off vs LLM-on (tiny local Llama), one seed, fine-tuned from a checkpoint, interrupted by Ctrl-C and
+resumed, runs side by side, table and curves written."""
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from utils import UserError
 
 def ablate(args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "ablate.py", "config.yaml", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
 def test_two_arms_are_trained_evaluated_and_resumed_after_an_interruption(tmp_path):
@@ -36,7 +37,7 @@ def test_two_arms_are_trained_evaluated_and_resumed_after_an_interruption(tmp_pa
     end = time.monotonic() + 300
     while not steps.is_file() and first.poll() is None and time.monotonic() < end:
         time.sleep(0.1)
-    first.send_signal(signal.SIGTERM)                                    # mid-training of the LLM-on arm
+    os.killpg(first.pid, signal.SIGINT)              # Ctrl-C (its whole process group), mid-training of the LLM-on arm
     _, err = first.communicate(timeout=120)
     assert first.returncode == 2 and "run the same command again to resume" in err, err[-2000:]
     finished = (out / "runs" / "llm_off_s1" / "best.pt").stat().st_mtime_ns
@@ -55,6 +56,24 @@ def test_two_arms_are_trained_evaluated_and_resumed_after_an_interruption(tmp_pa
     assert on["delta_vs_llm_off"] == pytest.approx(on["test_cer"] - off["test_cer"])
     assert on["ci95_low"] <= on["delta_vs_llm_off"] <= on["ci95_high"]
     assert (out / "val_curves.png").stat().st_size > 1000
+
+
+def test_jobs_train_runs_side_by_side(tmp_path):
+    _, overrides = tiny_setup(tmp_path)
+    write_tiny("tiny-llama", tmp_path / "llama")
+    out = tmp_path / "ablation"
+    run = ablate([*overrides, "train.num_epochs=4", "train.val_every_k_epochs=2", f"llm.name={tmp_path / 'llama'}",
+                  "llm.num_queries=8", "llm.qformer_layers=1", "--seeds", "1", "--jobs", "2", "--out", str(out)])
+    table, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    order = [line.split(" INFO ")[-1] for line in err.splitlines()
+             if " INFO training " in line or " INFO finished " in line]
+    assert order[:2] == ["training llm_off_s1", "training llm_on_s1"], order        # both started before either ended
+    assert sorted(o.split(" (")[0] for o in order[2:]) == ["finished llm_off_s1", "finished llm_on_s1"], order
+    assert "| llm_off | greedy | 1 |" in table and "| llm_on | greedy | 1 |" in table
+    for arm in ("llm_off", "llm_on"):
+        steps = read_rows(out / "runs" / f"{arm}_s1" / "train_steps.csv", "step")
+        assert [r["step"] for r in steps] == list(range(1, 9))
 
 
 def test_bootstrap_interval_covers_a_clear_difference():
@@ -78,8 +97,8 @@ def test_arm_specs_are_checked():
 def test_a_bad_setting_in_any_arm_stops_before_the_first_run_trains(tmp_path):
     _, overrides = tiny_setup(tmp_path)
     out = tmp_path / "ablation"
-    for bad in (["decode.mode=bean"], ["--arm", "a1:train.lerning_rate=1"]):
+    for bad in (["decode.mode=bean"], ["--arm", "a1:train.lerning_rate=1"], ["--jobs", "0"]):
         run = ablate([*overrides, "--seeds", "1", "--out", str(out), *bad])
         _, err = run.communicate(timeout=120)
-        assert run.returncode != 0 and ("decode.mode" in err or "lerning_rate" in err), err[-2000:]
+        assert run.returncode != 0 and ("decode.mode" in err or "lerning_rate" in err or "--jobs 0" in err), err[-2000:]
         assert "Traceback" not in err and not (out / "runs").exists()
