@@ -374,10 +374,11 @@ class EpochBatchSampler(Sampler):
         return self.steps_per_epoch - self.start_step
 
 
-def die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies, so a killed trainer leaves no orphaned workers."""
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """Linux: send this process `signum` when its parent dies (SIGKILL: a killed trainer leaves no orphaned workers;
+    SIGTERM: a trainer whose ablate.py was killed stops and writes last.pt)."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)                         # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(1, signum)                                 # 1 = PR_SET_PDEATHSIG
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}

@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
+from dataset import die_with_parent
 from htr.evaluation import beam_decode, check_decode_mode, infer, make_loader
 from htr.onnx_runtime import load_recognizer
 from utils import UserError, load_config, resolve_device
@@ -70,7 +72,7 @@ def train_all(config: str, runs: list, jobs: int) -> dict:
                     seconds[run_dir] = spent
                     log.info("finished %s (%.1f min)", run_dir.name, spent / 60)
                 else:
-                    stopped.append(f"{run_dir.name} (exit status {child.returncode})")
+                    stopped.append(f"{run_dir.name} ({exit_reason(child.returncode)})")
                     if not sent:                             # a second signal would stop the others without last.pt
                         stop(signal.SIGTERM)
     finally:
@@ -81,6 +83,15 @@ def train_all(config: str, runs: list, jobs: int) -> dict:
         raise UserError(f"training stopped ({', '.join(stopped) or 'interrupted'}), unfinished: "
                         f"{', '.join(unfinished)}; run the same command again to resume the ablation where it stopped")
     return seconds
+
+
+def exit_reason(status: int) -> str:
+    """A trainer's exit status in words: 128 + n after it stopped on signal n, -n if signal n killed it."""
+    if status > 128 and status - 128 in signal.valid_signals():
+        return f"stopped by {signal.Signals(status - 128).name}"
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exit status {status}"
 
 
 def record(run_dir: Path, seconds: float, finished: bool) -> float:
@@ -95,12 +106,13 @@ def record(run_dir: Path, seconds: float, finished: bool) -> float:
 
 def start(config: str, overrides: list, run_dir: Path) -> subprocess.Popen:
     """Start trainer.py on one run: from scratch, or resumed from its last.pt. It runs in its own session, so a
-    Ctrl-C in the terminal reaches it once, passed on by train_all, not twice (twice exits without last.pt)."""
+    Ctrl-C in the terminal reaches it once, passed on by train_all, not twice (twice exits without last.pt); and it
+    gets a SIGTERM (stops, writes last.pt) if this process dies without passing one on (SIGKILL, SIGHUP)."""
     resume = [f"resume={run_dir / 'last.pt'}", "train.init_from=null"] if (run_dir / "last.pt").is_file() \
         else []                                                         # the run's own weights already hold init_from
     log.info("%s %s", "resuming" if resume else "training", run_dir.name)
     return subprocess.Popen([sys.executable, str(ROOT / "trainer.py"), config, *overrides, *resume], cwd=ROOT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=partial(die_with_parent, signal.SIGTERM))
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

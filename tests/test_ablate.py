@@ -6,11 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from htr.ablation import bootstrap_ci, parse_arms
+from htr.ablation import bootstrap_ci, exit_reason, parse_arms
 from conftest import ROOT, tiny_setup
 from htr.llm_weights import write_tiny
 from htr.runlog import read_rows
@@ -74,6 +76,45 @@ def test_jobs_train_runs_side_by_side(tmp_path):
     for arm in ("llm_off", "llm_on"):
         steps = read_rows(out / "runs" / f"{arm}_s1" / "train_steps.csv", "step")
         assert [r["step"] for r in steps] == list(range(1, 9))
+
+
+def trainers_of(out) -> list:
+    """Pids of the trainer.py processes training under `out` (Linux /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:                                                  # exited meanwhile
+            continue
+        if any(a.endswith(b"trainer.py") for a in args) and any(str(out).encode() in a for a in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_killed_ablation_stops_its_trainers_with_a_checkpoint(tmp_path):
+    _, overrides = tiny_setup(tmp_path)
+    out = tmp_path / "ablation"
+    run = ablate([*overrides, "train.num_epochs=500", "--seeds", "1", "--out", str(out)])
+    steps = out / "runs" / "llm_off_s1" / "train_steps.csv"
+    end = time.monotonic() + 300
+    while not steps.is_file() and run.poll() is None and time.monotonic() < end:
+        time.sleep(0.1)
+    assert trainers_of(out), "the trainer did not start"
+    run.kill()                                       # SIGKILL: ablate.py cannot pass a signal on
+    run.communicate(timeout=60)
+    end = time.monotonic() + 120
+    while trainers_of(out) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert not trainers_of(out), "the trainer outlived its ablate.py"
+    last = torch.load(out / "runs" / "llm_off_s1" / "last.pt", map_location="cpu", weights_only=False)
+    assert last["step"] == read_rows(steps, "step")[-1]["step"] > 0          # stopped with its latest step saved
+
+
+def test_exit_reasons_are_words():
+    assert exit_reason(128 + signal.SIGINT) == "stopped by SIGINT"
+    assert exit_reason(-signal.SIGKILL) == "killed by SIGKILL"
+    assert exit_reason(1) == "exit status 1"
 
 
 def test_bootstrap_interval_covers_a_clear_difference():
