@@ -1,7 +1,7 @@
 """Cut the text lines of PAGE-XML / ALTO pages (Transkribus, eScriptorium exports) into the shared line-data format.
 
     python prepare_pages.py XML_DIR OUT_DIR [--images DIR] [--splits DIR] [--line-type T ...] [--scale 1.0]
-        [--val-fraction 0.1] [--test-fraction 0.1] [--seed 0] [--workers N]
+        [--val-fraction 0.1] [--test-fraction 0.1] [--seed 0] [--workers N] [--licence ID]
 
 XML_DIR is searched recursively for *.xml; each file is read as PAGE (2010-2019) or ALTO (v2-v4), detected per
 file (see htr/pagexml.py). A page's image is the file its XML names (PAGE Page/@imageFilename, ALTO
@@ -30,7 +30,9 @@ other than letters, digits, `.` and `-` becomes `_` (numbered on a clash). OUT_D
 finished page (settings, image, lines with their XML ids and fallbacks): a re-run redoes only pages whose XML,
 image, split or options changed, and rebuilds gt.txt from the current pages (line images of pages left out stay on
 disk, unused). A summary (pages, lines and characters per split, charset, rare characters, fallbacks, skips with
-reasons) is printed and written to OUT_DIR/summary.json. Problems (malformed XML, unknown dialect, no image, image
+reasons, the corpus's licence) is printed and written to OUT_DIR/summary.json. The licence is --licence, else the
+first one named by htr-united.yml (HTR-United), a LICENSE / COPYING file or the README in XML_DIR or its parent, else
+"unknown" (the summary says so); the trainer records it and exported model cards list it. Problems (malformed XML, unknown dialect, no image, image
 size mismatch) are reported per file and never stop the run.
 """
 import argparse
@@ -54,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=0.1, help="of the pages, without --splits")
     p.add_argument("--seed", type=int, default=0, help="of the page split without --splits")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--licence", help="the corpus's licence (e.g. CC-BY-4.0), when its files do not say it")
     return p.parse_args(argv)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from htr.corpus_licence import UNKNOWN
 from htr.decoding import CharNgramLM
 from htr.evaluation import lm_file
 from htr.inference import load_model, max_diff
@@ -78,6 +79,15 @@ def metrics_section(reports: list) -> str:
     return "\n".join(rows) + "\n\nCER and WER are corpus rates (edits / reference length) from `evaluate.py`.\n"
 
 
+def data_licence_line(record: dict | None) -> str:
+    """The training lines' licence, as prepare_pages.py recorded it (run_info.json's data_licence)."""
+    if record is None:
+        return "not recorded (the lines were not written by prepare_pages.py)"
+    if record["licence"] == UNKNOWN:
+        return "unknown (prepare_pages.py found none and none was given): ask the data's owner before reusing the model"
+    return f"`{record['licence']}` (recorded by prepare_pages.py, from `{record['found_in']}`)"
+
+
 def license_section(license_id: str) -> str:
     if license_id != "other":
         return f"`{license_id}` (set by the exporter, `export.license`).\n"
@@ -123,6 +133,7 @@ backbone {params['backbone']:,}, head {params['head']:,}, total {params['total']
 - `data.path`: `{data}` (on the training machine)
 - lines: {info.get('train_lines', 'not recorded')} train, {info.get('val_lines', 'not recorded')} val
 - charset: {len(charset.chars)} characters
+- licence of the lines: {data_licence_line(info.get('data_licence'))}
 
 ```text
 {json.dumps(charset.chars, ensure_ascii=False)}

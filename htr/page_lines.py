@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from htr.corpus_licence import corpus_licence, describe
 from htr.pagexml import Line, Page, PageXmlError, read_page
 from utils import UserError, normalize_text
 
@@ -344,7 +345,7 @@ def seeded_split(stems: list[str], val: float, test: float, seed: int) -> dict[s
 
 # --------------------------------------------------------------------------------------------------- summary
 
-def summarize(results: list[dict], unlisted: list[str], not_found: list[str]) -> dict:
+def summarize(results: list[dict], unlisted: list[str], not_found: list[str], licence: dict) -> dict:
     ok = [r for r in results if r["problem"] is None]
     chars = Counter(c for r in ok for _, text, *_ in r["lines"] for c in text)
     train_chars = {c for r in ok if r["split"] == "train" for _, text, *_ in r["lines"] for c in text}
@@ -367,6 +368,7 @@ def summarize(results: list[dict], unlisted: list[str], not_found: list[str]) ->
         "skipped_lines": dict(sorted(sum((Counter(r["skipped"]) for r in ok), Counter()).items())),
         "skipped_pages": skipped_pages,
         "listed_but_not_found": not_found,
+        "licence": licence,
     }
 
 
@@ -383,6 +385,7 @@ def format_summary(s: dict) -> str:
         out.append(f"skipped pages, {kind} ({len(items)}):" + "".join(f"\n  {i}" for i in items))
     if s["listed_but_not_found"]:
         out.append(f"listed but no XML ({len(s['listed_but_not_found'])}): {', '.join(s['listed_but_not_found'])}")
+    out.append(f"licence: {describe(s['licence'])}")
     return "\n".join(out)
 
 
@@ -433,7 +436,7 @@ def prepare(args) -> None:
         results = [f.result() for f in tqdm(as_completed(futures), total=len(futures), desc="pages")]
     for split in SPLITS:
         write_gt(args.out_dir / split, [r for r in results if r["split"] == split])
-    summary = summarize(results, unlisted, not_found)
+    summary = summarize(results, unlisted, not_found, corpus_licence(args.xml_dir.resolve(), args.licence))
     (args.out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n",
                                                encoding="utf-8")
     print(format_summary(summary))

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from dataset import STOP_SIGNALS, EpochBatchSampler, line_loader, worker_count
 from htr.audio import open_split
 from htr.audio_model import loss_per_mix, mix_names, modality_dropout
+from htr.corpus_licence import data_licence
 from htr.cuda_graphs import GraphedForward, check_cuda_graphs
 from htr.inference import predict
 from htr.metrics import corpus_cer, error_counts, rates
@@ -280,7 +281,8 @@ class Trainer:
                 "device": str(self.acc.device), "processes": self.acc.num_processes,
                 "mixed_precision": self.acc.mixed_precision, "parameters": params,
                 "train_lines": len(self.train_set), "val_lines": len(self.val_set) if self.val_set else 0,
-                "charset_size": len(self.charset.chars), "init_from": self.cfg.train.init_from or None}
+                "charset_size": len(self.charset.chars), "init_from": self.cfg.train.init_from or None,
+                "data_licence": data_licence(self.cfg.data.path)}
         with atomic_write(self.run_dir / "run_info.json", "w") as f:
             json.dump(info, f, indent=2)
         log.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()))

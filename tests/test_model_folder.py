@@ -33,6 +33,8 @@ def run(tmp_path_factory):
     root = tmp / "lines"
     for split, texts in (("train", TEXTS), ("val", TEXTS[:3]), ("test", TEXTS[3:6])):
         conftest.write_split(root, split, texts)
+    licence = {"licence": "CC-BY-4.0", "found_in": "/corpus/README.md"}        # as prepare_pages.py records it
+    (root / "summary.json").write_text(json.dumps({"licence": licence}))
     overrides = conftest.TINY + [f"data.path={root}", f"model.save_dir={tmp / 'runs'}", "model.run_name=folder",
                                  "train.num_epochs=1"]
     Trainer(load_config(CONFIG_YAML, overrides)).fit()
@@ -156,6 +158,8 @@ def test_model_card_has_front_matter_metrics_and_usage(run):
     info = json.loads((best.parent / "run_info.json").read_text())
     assert f"total {info['parameters']['total']:,}" in card.text and "lines: 8 train, 3 val" in card.text
     assert "resume=FOLDER" in card.text and "hf upload" in card.text
+    assert ("licence of the lines: `CC-BY-4.0` (recorded by prepare_pages.py, from `/corpus/README.md`)"
+            in card.text)
 
 
 def test_evaluate_takes_a_folder_and_its_lm(run):

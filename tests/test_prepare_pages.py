@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import prepare_pages
+from htr.corpus_licence import corpus_licence, licence_id
 from htr import page_lines as pp
 from dataset import LineDataset
 from htr.pagexml import read_page
@@ -299,6 +300,12 @@ def test_cli_round_trip(tmp_path):
                         cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "train: 1 pages, 1 lines" in ok.stdout and (tmp_path / "out" / "summary.json").is_file()
+    assert "licence: unknown: none given" in ok.stdout and "--licence ID" in ok.stdout
+    given = subprocess.run([sys.executable, "prepare_pages.py", str(corpus), str(tmp_path / "out"),
+                            "--licence", "CC-BY-SA-4.0"], cwd=ROOT, capture_output=True, text=True)
+    assert "licence: CC-BY-SA-4.0 (from --licence)" in given.stdout, given.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["licence"] == {"licence": "CC-BY-SA-4.0", "found_in": "--licence"}
     bad = subprocess.run([sys.executable, "prepare_pages.py", str(corpus), str(tmp_path / "out"),
                           "--splits", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
@@ -334,3 +341,29 @@ def test_images_beside_the_xml_folder_or_under_images(tmp_path):
     (tmp_path / "set" / "jpg" / "p00.png").rename(tmp_path / "elsewhere" / "p00.png")
     assert run(xml_dir, tmp_path / "b")["skipped_pages"]["no image"][0].startswith(str(xml_dir.resolve() / "p00.xml"))
     assert run(xml_dir, tmp_path / "c", "--images", tmp_path / "elsewhere")["lines"]["train"] == 1
+
+
+@pytest.mark.parametrize("text, spdx", [
+    ("CC BY 4.0\n\n# Description", "CC-BY-4.0"),                                  # Copiste-d-un-jour's README
+    ("licensed under CC-BY-NC-SA 4.0.", "CC-BY-NC-SA-4.0"),
+    ("a Creative Commons Attribution-ShareAlike 4.0 International License", "CC-BY-SA-4.0"),
+    ("Creative Commons Attribution 4.0 International", "CC-BY-4.0"),
+    ("MIT License\n\nCopyright (c) 2023", "MIT"),
+    ("Ground truth for a Kraken model. Images reproduced with permission.", None),  # JosephHookerHTR's README
+])
+def test_licence_names_are_read_as_ids(text, spdx):
+    assert licence_id(text) == spdx
+
+
+def test_corpus_licence_comes_from_the_corpus_files_or_the_command_line(tmp_path):
+    corpus = tmp_path / "repo" / "data"
+    corpus.mkdir(parents=True)
+    assert corpus_licence(corpus) == {"licence": "unknown", "found_in": None}
+    (tmp_path / "repo" / "README.md").write_text("# Corpus\nThis work is under CC BY-SA 4.0.\n")
+    assert corpus_licence(corpus) == {"licence": "CC-BY-SA-4.0", "found_in": str(tmp_path / "repo" / "README.md")}
+    (corpus / "htr-united.yml").write_text("title: x\nlicense:\n- name: CC-BY 4.0\n"
+                                           "  url: https://creativecommons.org/licenses/by/4.0/\n")
+    assert corpus_licence(corpus)["licence"] == "CC-BY-4.0"                     # the catalogue file comes first
+    assert corpus_licence(corpus, "etalab-2.0") == {"licence": "etalab-2.0", "found_in": "--licence"}
+    (corpus / "htr-united.yml").write_text("license: [unclosed\n")             # unreadable: the next source
+    assert corpus_licence(corpus)["found_in"].endswith("README.md")
