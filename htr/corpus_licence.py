@@ -41,7 +41,8 @@ def from_htr_united(path: Path) -> str | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     entries = meta.get("license") if isinstance(meta, dict) else None
-    names = [str(e.get("name", "")) if isinstance(e, dict) else str(e) for e in entries or []]
+    entries = [entries] if isinstance(entries, (str, dict)) else entries or []                # one entry, not a list
+    names = [str(e.get("name", "")) if isinstance(e, dict) else str(e) for e in entries]
     ids = [licence_id(n) or n for n in names if n.strip()]
     return " AND ".join(ids) or None
 
@@ -61,7 +62,7 @@ def corpus_licence(xml_dir: Path, given: str | None = None) -> dict:
 
 
 def describe(record: dict) -> str:
-    """One line for the summary and the model card."""
+    """The licence line of prepare_pages.py's summary."""
     if record["licence"] != UNKNOWN:
         return f"{record['licence']} (from {record['found_in']})"
     return ("unknown: none given and none found in htr-united.yml, a LICENSE file or the README; find the corpus's "

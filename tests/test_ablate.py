@@ -1,5 +1,6 @@
 """ablate.py: LLM-off vs LLM-on (tiny local Llama), one seed, fine-tuned from a checkpoint, interrupted by Ctrl-C and
 resumed, runs side by side, table and curves written."""
+import contextlib
 import csv
 import os
 import signal
@@ -106,7 +107,11 @@ def test_a_killed_ablation_stops_its_trainers_with_a_checkpoint(tmp_path):
     end = time.monotonic() + 120
     while trainers_of(out) and time.monotonic() < end:
         time.sleep(0.2)
-    assert not trainers_of(out), "the trainer outlived its ablate.py"
+    left = trainers_of(out)
+    for pid in left:                                 # none left behind, even when the test fails
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, "the trainer outlived its ablate.py"
     last = torch.load(out / "runs" / "llm_off_s1" / "last.pt", map_location="cpu", weights_only=False)
     assert last["step"] == read_rows(steps, "step")[-1]["step"] > 0          # stopped with its latest step saved
 

@@ -365,5 +365,7 @@ def test_corpus_licence_comes_from_the_corpus_files_or_the_command_line(tmp_path
                                            "  url: https://creativecommons.org/licenses/by/4.0/\n")
     assert corpus_licence(corpus)["licence"] == "CC-BY-4.0"                     # the catalogue file comes first
     assert corpus_licence(corpus, "etalab-2.0") == {"licence": "etalab-2.0", "found_in": "--licence"}
+    (corpus / "htr-united.yml").write_text("license: CC BY-NC 4.0\n")          # one entry, not a list
+    assert corpus_licence(corpus)["licence"] == "CC-BY-NC-4.0"
     (corpus / "htr-united.yml").write_text("license: [unclosed\n")             # unreadable: the next source
     assert corpus_licence(corpus)["found_in"].endswith("README.md")
