@@ -32,8 +32,8 @@ image, split or options changed, and rebuilds gt.txt from the current pages (lin
 disk, unused). A summary (pages, lines and characters per split, charset, rare characters, fallbacks, skips with
 reasons, the corpus's licence) is printed and written to OUT_DIR/summary.json. The licence is --licence, else the
 first one named by htr-united.yml (HTR-United), a LICENSE / COPYING file or the README in XML_DIR or its parent, else
-"unknown" (the summary says so); the trainer records it and exported model cards list it. Problems (malformed XML, unknown dialect, no image, image
-size mismatch) are reported per file and never stop the run.
+"unknown" (the summary says so); the trainer records it and exported model cards list it. Problems (malformed XML,
+unknown dialect, no image, image size mismatch) are reported per file and never stop the run.
 """
 import argparse
 import os

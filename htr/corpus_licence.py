@@ -24,11 +24,8 @@ NAMED = ((re.compile(r"\bCC0\b|CC Zero|Public Domain Dedication", re.I), "CC0-1.
 def licence_id(text: str) -> str | None:
     """The first licence named in `text`, as an SPDX-style id (CC-BY-SA-4.0, MIT, ...); None if none is."""
     found = []
-    for m in CC_SHORT.finditer(text):
-        parts = [p.upper() for p in re.split(r"[ -]", m.group(1)) if p]
-        found.append((m.start(), "-".join(["CC", "BY", *parts, m.group(2)])))
-    for m in CC_WORDS.finditer(text):
-        parts = [CC_PARTS[p.lower()] for p in re.split(r"[ -]", m.group(1)) if p]
+    for m in (*CC_SHORT.finditer(text), *CC_WORDS.finditer(text)):
+        parts = [CC_PARTS.get(p.lower(), p.upper()) for p in re.split(r"[ -]", m.group(1)) if p]   # NC, SA, ND
         found.append((m.start(), "-".join(["CC", "BY", *parts, m.group(2)])))
     found += [(m.start(), spdx) for pattern, spdx in NAMED for m in pattern.finditer(text)]
     return min(found)[1] if found else None
