@@ -220,6 +220,15 @@ def page_of(line_id: str) -> str:
     return line_id[:cut] if cut > 0 else line_id
 
 
+def pages_drawn(line_ids, fraction: float, seed: int) -> set:
+    """The pages of data.train_fraction: round(fraction x pages) of the lines' pages, at least one, drawn with
+    `seed` (the trainer's lines and the beam search's LM text take the same pages)."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"data.train_fraction must be in (0, 1], got {fraction!r}")
+    pages = sorted({page_of(i) for i in line_ids})
+    return set(random.Random(seed).sample(pages, max(1, round(fraction * len(pages)))))
+
+
 def ctc_frames(text: str) -> int:
     """Frames CTC needs for a label: one per character plus a blank between each pair of repeated characters."""
     return len(text) + sum(a == b for a, b in zip(text, text[1:]))
@@ -298,17 +307,14 @@ class LineDataset(Dataset):
         return _load_cache(index, entries) if _save_cache(index, images, bad) else (images, bad)
 
     def keep_pages(self, fraction: float, seed: int) -> None:
-        """Keep only the lines of round(fraction x pages) pages, at least one, drawn with `seed`: a low-resource run
-        (data.train_fraction) that takes whole pages, as a user with fewer transcribed pages has."""
-        if not 0 < fraction <= 1:
-            raise UserError(f"data.train_fraction must be in (0, 1], got {fraction!r}")
-        pages = sorted({page_of(i) for i in self.ids})
-        chosen = set(random.Random(seed).sample(pages, max(1, round(fraction * len(pages)))))
+        """Keep only the lines of a fraction of the pages (pages_drawn): a low-resource run (data.train_fraction)
+        that takes whole pages, as a user with fewer transcribed pages has."""
+        chosen, pages = pages_drawn(self.ids, fraction, seed), len({page_of(i) for i in self.ids})
         keep = [k for k, line_id in enumerate(self.ids) if page_of(line_id) in chosen]
         self.ids, self.texts = [self.ids[k] for k in keep], [self.texts[k] for k in keep]
         self.images = self.images.select(keep)
         log.info("%s: data.train_fraction=%g keeps %d of %d pages, %d lines", self.split_dir, fraction,
-                 len(chosen), len(pages), len(keep))
+                 len(chosen), pages, len(keep))
 
     def set_epoch_seed(self, seed: int) -> None:
         """Augmentation of line i in this epoch is seeded by (seed, i): set before the epoch's loader starts (the

@@ -11,7 +11,7 @@ import torch
 from rapidfuzz.distance import Levenshtein
 from torch.utils.data import Subset
 
-from dataset import LineDataset, line_loader, read_gt, worker_count
+from dataset import LineDataset, line_loader, page_of, pages_drawn, read_gt, worker_count
 from htr.audio import open_split
 from htr.audio_model import MODES
 from htr.inference import predict
@@ -66,9 +66,13 @@ def lm_file(cfg, checkpoint) -> Path:
 
 
 def build_lm(cfg, charset, path: Path):
-    """Estimate the character LM from data.path/train transcriptions (+ decode.lm_text) and save it."""
+    """Estimate the character LM from data.path/train transcriptions (those of data.train_fraction's pages, as
+    the recognizer saw them) (+ decode.lm_text) and save it."""
     from htr.decoding import CharNgramLM
     entries, _ = read_gt(Path(cfg.data.path) / "train")
+    if cfg.data.train_fraction < 1:
+        pages = pages_drawn([i for i, _ in entries], cfg.data.train_fraction, cfg.seed)
+        entries = [(i, text) for i, text in entries if page_of(i) in pages]
     if cfg.decode.lm_text and not Path(cfg.decode.lm_text).is_file():
         raise UserError(f"decode.lm_text {cfg.decode.lm_text} not found")
     lm = CharNgramLM(charset, order=cfg.decode.lm_order)

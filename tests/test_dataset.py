@@ -11,8 +11,10 @@ import torch
 import dataset
 from conftest import ROOT, render_line, tiny_setup, write_split
 from dataset import Collate, LineDataset
+from htr.decoding import CharNgramLM
+from htr.evaluation import build_lm
 from htr.images import pad_center, preprocess
-from utils import Charset, UserError
+from utils import Charset, UserError, load_config
 
 
 def test_bad_lines_are_skipped_counted_and_listed(tmp_path, caplog):
@@ -160,7 +162,6 @@ def test_shards_are_cached_each_in_its_folder_and_memory_mapped(tmp_path, monkey
 
 def test_sharded_splits_train_with_the_union_charset(tmp_path, caplog):
     from htr import training
-    from utils import load_config
     root, overrides = tiny_setup(tmp_path)
     for split in ("train", "val"):
         shutil.rmtree(root / split)
@@ -172,9 +173,10 @@ def test_sharded_splits_train_with_the_union_charset(tmp_path, caplog):
     assert "1 character(s) of the val split never occur in training and count as errors: 'e'" in caplog.text
 
 
-def test_train_fraction_keeps_whole_pages_drawn_by_seed(tmp_path, caplog):
+def test_train_fraction_keeps_whole_pages_drawn_by_seed(tmp_path, caplog, monkeypatch):
     """data.train_fraction: the lines of round(fraction x pages) pages (ids <page>_<NNN> as prepare_pages.py writes
-    them), the same pages for the same seed, every line of a chosen page, and (0, 1] checked."""
+    them), the same pages for the same seed, every line of a chosen page, and (0, 1] checked; decode.build_lm
+    estimates the character LM from those pages' lines only."""
     d = write_split(tmp_path, "train", ["ab", "cd", "abc", "dab", "bad", "cab", "dd", "ba"])
     gt = [line.split(" ", 1) for line in (d / "gt.txt").read_text().splitlines()]
     renamed = []
@@ -200,3 +202,10 @@ def test_train_fraction_keeps_whole_pages_drawn_by_seed(tmp_path, caplog):
     assert dataset.page_of("a01-000u-00") == "a01-000u" and dataset.page_of("JDH_2_16_96_003_009") == "JDH_2_16_96_003"
     with pytest.raises(UserError, match=r"data.train_fraction must be in \(0, 1\], got 0"):
         kept(0, seed=1)
+
+
+    fitted = []                                   # the beam search's character LM reads the same pages' text
+    monkeypatch.setattr(CharNgramLM, "fit", lambda self, lines, text_file=None: fitted.extend(lines) or 0)
+    cfg = load_config(ROOT / "config.yaml", [f"data.path={tmp_path}", "data.train_fraction=0.5", "seed=1"])
+    build_lm(cfg, Charset.from_texts(["abcd"]), tmp_path / "lm.json.gz")
+    assert sorted(fitted) == sorted(text for line_id, text in map(str.split, renamed) if line_id in half)
