@@ -1,6 +1,7 @@
 """What the scripts share: config and CLI, devices and precision, the character set, checkpoint I/O."""
 import contextlib
 import difflib
+import json
 import logging
 import math
 import os
@@ -273,6 +274,19 @@ def save_checkpoint(state: dict, path) -> None:
 
 INFERENCE_KEYS = ("model", "charset", "arch", "preproc")
 RESUME_KEYS = INFERENCE_KEYS + ("optimizer", "scheduler", "epoch", "step", "best_cer", "bad_validations", "rng")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file of a run (run_info.json, an evaluation report), or {} (with a warning if it exists but is
+    unreadable, and then left out)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("%s left out: %s", path, e)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_checkpoint(path, keys=INFERENCE_KEYS) -> dict:

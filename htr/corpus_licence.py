@@ -68,10 +68,27 @@ def describe(record: dict) -> str:
 
 
 def data_licence(data_path: str | Path) -> dict | None:
-    """The licence record of a line dataset written by prepare_pages.py (its summary.json); None for other data."""
-    summary = Path(data_path) / "summary.json"
+    """The licence record of a line dataset written by prepare_pages.py (its summary.json); for a dataset that joins
+    others by linking their split folders in as shards (train/shard-<name> -> OTHER/train), the records of those
+    datasets joined (licences "A AND B", each with where it was found; a source without one counts as unknown); None
+    for other data."""
+    own = summary_licence(Path(data_path))
+    if own is not None:
+        return own
+    roots = dict.fromkeys(shard.resolve().parent for shard in sorted((Path(data_path) / "train").glob("shard-*"))
+                          if shard.is_symlink())
+    if not roots:
+        return None
+    records = [summary_licence(root) or {"licence": UNKNOWN, "found_in": f"no licence in {root / 'summary.json'}"}
+               for root in roots]
+    return {"licence": " AND ".join(dict.fromkeys(r["licence"] for r in records)),
+            "found_in": "; ".join(f"{root}: {r['found_in']}" for root, r in zip(roots, records))}
+
+
+def summary_licence(root: Path) -> dict | None:
+    """The licence record in root/summary.json, or None."""
     try:
-        record = json.loads(summary.read_text(encoding="utf-8")).get("licence")
+        record = json.loads((root / "summary.json").read_text(encoding="utf-8")).get("licence")
     except (OSError, ValueError, AttributeError):
         return None
     return record if isinstance(record, dict) and "licence" in record else None

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from dataset import AudioBatch
 from htr.audio import read_audio
@@ -41,14 +41,19 @@ def load_model(cfg, path):
     return fuse_conv_bn(model.eval()), charset, ckpt
 
 
-def adopt_folder_settings(cfg, ckpt: dict, folder) -> None:
-    """cfg takes a model folder's arch and preproc (noted where they differ) and its LM unless decode.lm_path is set."""
-    changed = [f"{s}.{k}={v}" for s in ("arch", "preproc") for k, v in ckpt[s].items() if to_plain(cfg[s]).get(k) != v]
+def adopt_folder_settings(cfg, ckpt: dict, folder, keep=(), lm: bool = True) -> None:
+    """cfg takes a model folder's arch and preproc (noted where they differ) but the `keep` keys (e.g. "arch.audio"),
+    and with `lm` its LM unless decode.lm_path is set."""
+    changed = [f"{s}.{k}={v}" for s in ("arch", "preproc") for k, v in ckpt[s].items()
+               if f"{s}.{k}" not in keep and to_plain(cfg[s]).get(k) != v]
     if changed:
         log.info("model folder %s brings its own settings: %s", folder, ", ".join(changed))
+    kept = {key: OmegaConf.select(cfg, key) for key in keep}
     with open_dict(cfg):
         cfg.arch, cfg.preproc = ckpt["arch"], ckpt["preproc"]
-        if ckpt["lm"] is not None and not cfg.decode.lm_path:
+        for key, value in kept.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+        if lm and ckpt["lm"] is not None and not cfg.decode.lm_path:
             cfg.decode.lm_path = str(ckpt["lm"])
 
 

@@ -14,8 +14,9 @@ from htr.decoding import CharNgramLM
 from htr.evaluation import lm_file
 from htr.inference import load_model, max_diff
 from htr.model_folder import CARD, CHARSET, CONFIG, LM, WEIGHTS, save_model_folder
+from htr.training_data import KEY as TRAINING_DATA, recorded_stages
 from models import HTRNet, parameter_report
-from utils import Charset, UserError, to_plain
+from utils import Charset, UserError, read_json, to_plain
 
 log = logging.getLogger("htr")
 
@@ -26,7 +27,8 @@ def folder_config(cfg, ckpt: dict) -> dict:
     """config.yaml of a model folder: the checkpoint's arch and preproc; the exporter's eval and decode defaults
     without this machine's paths (decode.lm_path, decode.lm_text) or one-off actions (build_lm, tune)."""
     decode = {**to_plain(cfg.decode), "lm_path": None, "lm_text": None, "build_lm": False, "tune": False}
-    return {"arch": ckpt["arch"], "preproc": ckpt["preproc"], "eval": to_plain(cfg.eval), "decode": decode}
+    return {"arch": ckpt["arch"], "preproc": ckpt["preproc"], "eval": to_plain(cfg.eval), "decode": decode,
+            TRAINING_DATA: recorded_stages(ckpt, cfg.resume)}
 
 
 def checkpoint_lm(cfg, checkpoint: Path, charset: Charset) -> Path | None:
@@ -42,18 +44,6 @@ def checkpoint_lm(cfg, checkpoint: Path, charset: Charset) -> Path | None:
     except ValueError as e:
         raise UserError(str(e)) from None
     return path
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object file of the run, or {} (with a warning if it exists but is unreadable)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        log.warning("%s left out of the model card: %s", path, e)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def eval_reports(checkpoint: Path) -> list:
@@ -85,7 +75,21 @@ def data_licence_line(record: dict | None) -> str:
         return "not recorded (the lines were not written by prepare_pages.py)"
     if record["licence"] == UNKNOWN:
         return "unknown (prepare_pages.py found none and none was given): ask the data's owner before reusing the model"
-    return f"`{record['licence']}` (recorded by prepare_pages.py, from `{record['found_in']}`)"
+    unknown = ": some lines' licence is unknown, ask their owner before reusing the model" \
+        if UNKNOWN in record["licence"].split(" AND ") else ""
+    return f"`{record['licence']}` (recorded by prepare_pages.py, from `{record['found_in']}`){unknown}"
+
+
+def stages_table(stages: list) -> str:
+    """The training data, one row per stage (htr/training_data.py), the first model's data first."""
+    if not stages:
+        return "The training data was not recorded (a model exported before the record was kept).\n"
+    rows = ["| stage | run | `data.path` (on the training machine) | train lines | licence of the lines |",
+            "|---|---|---|---|---|"]
+    rows += [f"| {k} | `{st.get('run')}` | `{st.get('data')}` | {st.get('train_lines') or 'not recorded'} | "
+             f"{data_licence_line(st.get('licence'))} |" for k, st in enumerate(stages, 1)]
+    return "\n".join(rows) + ("\n\nEach stage started from the model of the stage before (`train.init_from`).\n"
+                              if len(stages) > 1 else "\n")
 
 
 def license_section(license_id: str) -> str:
@@ -104,7 +108,6 @@ def model_card(cfg, ckpt: dict, checkpoint: Path, charset: Charset, has_lm: bool
                          pipeline_tag="image-to-text", metrics=["cer", "wer"])
     params = parameter_report(HTRNet(cfg.arch, len(charset)))
     info = read_json(checkpoint.parent / "run_info.json")
-    data = ckpt.get("config", {}).get("data", {}).get("path", "not recorded")
     h, w = ckpt["preproc"]["image_height"], ckpt["preproc"]["image_width"]
     lm_row = f"| `{LM}` | character n-gram LM for `decode.mode=beam` |\n" if has_lm else ""
     return f"""---
@@ -130,10 +133,9 @@ backbone {params['backbone']:,}, head {params['head']:,}, total {params['total']
 
 ## Training data
 
-- `data.path`: `{data}` (on the training machine)
-- lines: {info.get('train_lines', 'not recorded')} train, {info.get('val_lines', 'not recorded')} val
+{stages_table(recorded_stages(ckpt, checkpoint))}
+- validation (the last stage): {info.get('val_lines', 'not recorded')} lines
 - charset: {len(charset.chars)} characters
-- licence of the lines: {data_licence_line(info.get('data_licence'))}
 
 ```text
 {json.dumps(charset.chars, ensure_ascii=False)}

@@ -21,12 +21,14 @@ from htr.audio_model import loss_per_mix, mix_names, modality_dropout
 from htr.corpus_licence import data_licence
 from htr.cuda_graphs import GraphedForward, check_cuda_graphs
 from htr.inference import predict
+from htr.init_from import init_checkpoint, init_weights
 from htr.metrics import corpus_cer, error_counts, rates
 from htr.recipe import lr_factor, stage_config
 from htr.runlog import RunLog, git_commit
+from htr.training_data import KEY as TRAINING_DATA, recorded_stages, stage_record
 from htr.weight_ema import WeightEMA
 from models import AUDIO_MODULES, HTRNet, audio_ctc_loss, ctc_loss, output_frames, parameter_report
-from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible, comparable,
+from utils import (RESUME_KEYS, Charset, UserError, atomic_write, autocast_dtype, check_compatible,
                    load_checkpoint, make_optimizer, mixed_precision, remove_stale_temp_files, resolve_device,
                    save_checkpoint, set_torch_threads, to_plain, train_memory_format, use_fixed_size_kernels)
 
@@ -54,9 +56,11 @@ class Trainer:
         if not self.acc.is_main_process:
             log.setLevel(logging.WARNING)                                  # one process reports
         torch.manual_seed(cfg.seed)
+        init = init_checkpoint(cfg)                                        # a model folder brings arch and preproc
         with self.acc.main_process_first():                                # one process builds the caches
             self.train_set, self.val_set = self._datasets()
-        init = self._init_checkpoint()
+        self.stages = recorded_stages(*resume_ckpt) if resume_ckpt else [
+            *(recorded_stages(*init) if init else []), stage_record(cfg, len(self.train_set))]   # training data
         self.charset = self._charset(resume_ckpt, init)
         if not 0 <= cfg.train.drop_path < 1:
             raise UserError(f"train.drop_path must be in [0, 1) (e.g. 0.1), or 0 for none; got {cfg.train.drop_path}")
@@ -66,7 +70,7 @@ class Trainer:
         if self.llm is not None:
             self.model.head.register_forward_hook(lambda module, args, out: self.features.update(out.features))
         if init is not None:
-            self._init_weights(*init)
+            init_weights(self.model, self.llm, *init, cfg, self.charset.chars)
         if cfg.train.freeze_image_path:
             self._freeze_image_path()
         self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay and not self.frozen else None
@@ -122,16 +126,6 @@ class Trainer:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))                 # this run's processes on this machine
         return worker_count(requested, key, local)
 
-    def _init_checkpoint(self):
-        """train.init_from: (checkpoint, path) of the run to start from, or None."""
-        path = self.cfg.train.init_from
-        if not path:
-            return None
-        if self.cfg.resume:
-            raise UserError("train.init_from starts a new run from other weights, resume= continues a run: "
-                            "give one of them")
-        return load_checkpoint(path), path
-
     def _charset(self, resume, init) -> Charset:
         """The training split's characters; a resumed run keeps its checkpoint's, a fine-tuned run adds the
         initial model's (train.init_resize=union). Val characters outside it are reported once."""
@@ -148,27 +142,6 @@ class Trainer:
             log.warning("%d character(s) of the val split never occur in training and count as errors: %r",
                         len(unseen), "".join(sorted(unseen)))
         return charset
-
-    def _init_weights(self, ckpt: dict, path) -> None:
-        """The recognizer's weights, and the connector's when both runs have the LLM path (an align run's); an
-        image-only model's weights start a model with the audio branch, the branch itself fresh."""
-        grows = self.model.has_audio and comparable("arch", "audio", ckpt["arch"].get("audio")) is None
-        check_compatible(ckpt, self.cfg, path, sections=("arch",), ignore=("arch.audio",) if grows else ())
-        try:
-            self.model.load_resized(ckpt["model"], ckpt["charset"], self.charset.chars)
-        except ValueError as e:
-            raise UserError(f"train.init_from={path}: another architecture ({e}); use its arch settings "
-                            f"(config.yaml in its run directory)") from None
-        if self.llm is not None and "llm" in ckpt:
-            try:
-                self.llm.load_trainable_state_dict(ckpt["llm"]["trainable"])
-            except ValueError as e:
-                raise UserError(f"train.init_from={path}: {e}") from None
-            log.info("connector from %s (trained for llm.name=%s)", path, ckpt["llm"]["name"])
-        shared = set(ckpt["charset"]) & set(self.charset.chars)
-        log.info("initialised from %s: %d of %d characters shared, %d new%s", path, len(shared),
-                 len(self.charset.chars), len(self.charset.chars) - len(shared),
-                 "; the audio branch starts fresh" if grows else "")
 
     def _llm(self):
         from htr.llm_assist import LLMLoadError, TapGradients, build_llm_assist
@@ -247,7 +220,7 @@ class Trainer:
                  "preproc": to_plain(self.cfg.preproc), "config": to_plain(self.cfg),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step, "best_cer": self.best_cer,
-                 "bad_validations": self.bad_validations, "rng": rng}
+                 "bad_validations": self.bad_validations, "rng": rng, TRAINING_DATA: self.stages}
         if self.ema is not None:                                           # "model" is what ships: the average
             state["ema"] = {"raw": state["model"], "updates": self.ema.updates}
             state["model"] = self.ema.module.state_dict()
@@ -282,7 +255,7 @@ class Trainer:
                 "mixed_precision": self.acc.mixed_precision, "parameters": params,
                 "train_lines": len(self.train_set), "val_lines": len(self.val_set) if self.val_set else 0,
                 "charset_size": len(self.charset.chars), "init_from": self.cfg.train.init_from or None,
-                "data_licence": data_licence(self.cfg.data.path)}
+                "data_licence": data_licence(self.cfg.data.path), TRAINING_DATA: self.stages}
         with atomic_write(self.run_dir / "run_info.json", "w") as f:
             json.dump(info, f, indent=2)
         log.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()))

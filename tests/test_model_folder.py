@@ -1,6 +1,7 @@
 """Model folders (export.py export.format=folder): identical outputs, no pickle, charset format, clear errors, Hub ids
 from the cache and offline, the model card, and the CLI round trip export -> demo.py resume=FOLDER."""
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard, constants
+from omegaconf import OmegaConf
 
 import conftest
 from htr import evaluation
@@ -156,10 +158,56 @@ def test_model_card_has_front_matter_metrics_and_usage(run):
     for mode in ("greedy", "beam"):
         assert f"| {mode} | {100 * report[mode]['cer']:.2f} % | {100 * report[mode]['wer']:.2f} % |" in card.text
     info = json.loads((best.parent / "run_info.json").read_text())
-    assert f"total {info['parameters']['total']:,}" in card.text and "lines: 8 train, 3 val" in card.text
+    assert f"total {info['parameters']['total']:,}" in card.text and "validation (the last stage): 3 lines" in card.text
     assert "resume=FOLDER" in card.text and "hf upload" in card.text
-    assert ("licence of the lines: `CC-BY-4.0` (recorded by prepare_pages.py, from `/corpus/README.md`)"
+    root = best.parents[2] / "lines"
+    assert (f"| 1 | `folder` | `{root}` | 8 | `CC-BY-4.0` (recorded by prepare_pages.py, from `/corpus/README.md`) |"
             in card.text)
+
+
+def test_fine_tuning_from_a_folder_takes_its_architecture_and_records_every_stage(run, tmp_path, caplog):
+    """train.init_from=FOLDER with the stock config (the paper architecture at 128x1024): the run takes the
+    folder's arch and preproc and its weights, trains on new lines (a new character, another licence), and its
+    checkpoint, run_info.json and the card of its own export list both stages with their licences."""
+    overrides, best, folder, _ = run
+    root = tmp_path / "mine"
+    for split, texts in (("train", ["abe", "bad e", "cab"]), ("val", ["ea"])):
+        conftest.write_split(root, split, texts)
+    (root / "summary.json").write_text(json.dumps({"licence": {"licence": "CC0-1.0", "found_in": "/mine/LICENSE"}}))
+    mine = STOCK + ["train.use_llm=false", "train.num_workers=0", "train.batch_size=2", "train.num_epochs=1",
+                    f"data.path={root}", f"model.save_dir={tmp_path / 'runs'}", "model.run_name=mine",
+                    f"train.init_from={folder}"]
+    with caplog.at_level(logging.INFO, logger="htr"):
+        trainer = Trainer(load_config(CONFIG_YAML, mine))
+    base = load_config(CONFIG_YAML, overrides)
+    assert trainer.cfg.arch == base.arch and trainer.cfg.preproc == base.preproc
+    assert f"model folder {folder} brings its own settings: " in caplog.text and "preproc.image_height=32" in caplog.text
+    state, weights = trainer.model.state_dict(), load_checkpoint(best)["model"]
+    assert all(torch.equal(state[k], v) for k, v in weights.items() if k.startswith("backbone."))
+    assert trainer.charset.chars == load_checkpoint(best)["charset"] + "e"             # init_resize=union
+    trainer.fit()
+    run_dir = tmp_path / "runs" / "mine"
+    stages = load_checkpoint(run_dir / "last.pt")["training_data"]
+    assert [(st["run"], st["train_lines"], st["licence"]["licence"]) for st in stages] == [
+        ("folder", 8, "CC-BY-4.0"), ("mine", 3, "CC0-1.0")]
+    assert json.loads((run_dir / "run_info.json").read_text())["training_data"] == stages
+    assert OmegaConf.load(run_dir / "config.yaml").preproc.image_height == 32
+    export.main([str(run_dir / "config.yaml"), f"resume={run_dir / 'best.pt'}", "export.format=folder",
+                 str(tmp_path / "mine_model")])                           # a .pt goes with its run's config
+    card = (tmp_path / "mine_model" / "README.md").read_text()
+    assert "| 1 | `folder` |" in card and f"| 2 | `mine` | `{root}` | 3 | `CC0-1.0`" in card
+    assert "Each stage started from the model of the stage before" in card
+
+
+def test_fine_tuning_from_a_hub_id_that_cannot_be_fetched_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    root = tmp_path / "mine"
+    conftest.write_split(root, "train", ["ab", "ba"])
+    cfg = load_config(CONFIG_YAML, STOCK + [f"data.path={root}", "train.init_from=htr-test/no-such-model"])
+    with pytest.raises(UserError, match=r"train.init_from=htr-test/no-such-model is no local file or folder.*"
+                                        r"pass train.init_from=DIR"):
+        Trainer(cfg)
 
 
 def test_evaluate_takes_a_folder_and_its_lm(run):

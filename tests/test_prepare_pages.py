@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import prepare_pages
-from htr.corpus_licence import corpus_licence, licence_id
+from conftest import write_split
+from htr.corpus_licence import corpus_licence, data_licence, licence_id
+from htr.model_card import data_licence_line
 from htr import page_lines as pp
 from dataset import LineDataset
 from htr.pagexml import read_page
@@ -369,3 +371,26 @@ def test_corpus_licence_comes_from_the_corpus_files_or_the_command_line(tmp_path
     assert corpus_licence(corpus)["licence"] == "CC-BY-NC-4.0"
     (corpus / "htr-united.yml").write_text("license: [unclosed\n")             # unreadable: the next source
     assert corpus_licence(corpus)["found_in"].endswith("README.md")
+
+
+def test_a_dataset_joined_by_linked_splits_reads_both_and_joins_their_licences(tmp_path):
+    """data/fr/train/shard-a -> data/a/train (and b): the split is the union of both, and the licence record lists
+    each source's, a source without one as unknown."""
+    for name, texts in (("a", ["ab", "ba"]), ("b", ["cd"]), ("c", ["dc"])):
+        d = write_split(tmp_path / name, "train", texts)
+        for png in d.glob("*.png"):                                       # ids of another corpus: <name>-NNN
+            png.rename(d / png.name.replace("train", name))
+        (d / "gt.txt").write_text((d / "gt.txt").read_text().replace("train", name))
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({"licence": {"licence": "CC-BY-4.0", "found_in": "A"}}))
+    (tmp_path / "b" / "summary.json").write_text(json.dumps({"licence": {"licence": "CC-BY-SA-4.0", "found_in": "B"}}))
+    joined = tmp_path / "joined" / "train"
+    joined.mkdir(parents=True)
+    for name in ("a", "b"):
+        (joined / f"shard-{name}").symlink_to(tmp_path / name / "train")
+    assert sorted(LineDataset(tmp_path / "joined", "train", 32, 256, cache=False).texts) == ["ab", "ba", "cd"]
+    assert data_licence(tmp_path / "joined") == {
+        "licence": "CC-BY-4.0 AND CC-BY-SA-4.0", "found_in": f"{tmp_path / 'a'}: A; {tmp_path / 'b'}: B"}
+    (joined / "shard-c").symlink_to(tmp_path / "c" / "train")
+    assert data_licence(tmp_path / "joined")["licence"] == "CC-BY-4.0 AND CC-BY-SA-4.0 AND unknown"
+    assert "some lines' licence is unknown" in data_licence_line(data_licence(tmp_path / "joined"))
+    assert data_licence(tmp_path / "c") is None and data_licence(tmp_path / "a")["licence"] == "CC-BY-4.0"
