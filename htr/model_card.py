@@ -70,14 +70,14 @@ def metrics_section(reports: list) -> str:
 
 
 def data_licence_line(record: dict | None) -> str:
-    """The training lines' licence, as prepare_pages.py recorded it (run_info.json's data_licence)."""
+    """The training lines' licence as prepare_pages.py or prepare_synthetic.py recorded it (a stage's licence)."""
     if record is None:
-        return "not recorded (the lines were not written by prepare_pages.py)"
+        return "not recorded (the lines were not written by prepare_pages.py or prepare_synthetic.py)"
     if record["licence"] == UNKNOWN:
         return "unknown (prepare_pages.py found none and none was given): ask the data's owner before reusing the model"
     unknown = ": some lines' licence is unknown, ask their owner before reusing the model" \
         if UNKNOWN in record["licence"].split(" AND ") else ""
-    return f"`{record['licence']}` (recorded by prepare_pages.py, from `{record['found_in']}`){unknown}"
+    return f"`{record['licence']}` (from `{record['found_in']}`){unknown}"
 
 
 def stages_table(stages: list) -> str:

