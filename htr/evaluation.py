@@ -11,7 +11,7 @@ import torch
 from rapidfuzz.distance import Levenshtein
 from torch.utils.data import Subset
 
-from dataset import LineDataset, line_loader, page_of, pages_drawn, read_gt, worker_count
+from dataset import LineDataset, line_loader, page_of, pages_drawn, read_gt, split_folders, worker_count
 from htr.audio import open_split
 from htr.audio_model import MODES
 from htr.inference import predict
@@ -69,7 +69,7 @@ def build_lm(cfg, charset, path: Path):
     """Estimate the character LM from data.path/train transcriptions (those of data.train_fraction's pages, as
     the recognizer saw them) (+ decode.lm_text) and save it."""
     from htr.decoding import CharNgramLM
-    entries, _ = read_gt(Path(cfg.data.path) / "train")
+    entries = [e for folder in split_folders(Path(cfg.data.path) / "train") for e in read_gt(folder)[0]]   # shards too
     if cfg.data.train_fraction < 1:
         pages = pages_drawn([i for i, _ in entries], cfg.data.train_fraction, cfg.seed)
         entries = [(i, text) for i, text in entries if page_of(i) in pages]

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 
 import prepare_pages
-from conftest import write_split
+from conftest import ROOT, write_split
+from htr.decoding import CharNgramLM
+from htr.evaluation import build_lm
 from htr.corpus_licence import corpus_licence, data_licence, licence_id
 from htr.model_card import data_licence_line
 from htr import page_lines as pp
 from dataset import LineDataset
 from htr.pagexml import read_page
-from utils import UserError
+from utils import Charset, UserError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 W, H, SPACING = 800, 700, 100            # page size; baselines are SPACING apart
@@ -373,9 +375,9 @@ def test_corpus_licence_comes_from_the_corpus_files_or_the_command_line(tmp_path
     assert corpus_licence(corpus)["found_in"].endswith("README.md")
 
 
-def test_a_dataset_joined_by_linked_splits_reads_both_and_joins_their_licences(tmp_path):
-    """data/fr/train/shard-a -> data/a/train (and b): the split is the union of both, and the licence record lists
-    each source's, a source without one as unknown."""
+def test_a_dataset_joined_by_linked_splits_reads_both_and_joins_their_licences(tmp_path, monkeypatch):
+    """data/fr/train/shard-a -> data/a/train (and b): the split (and the character LM's text) is the union of both,
+    and the licence record lists each source's, a source without one as unknown."""
     for name, texts in (("a", ["ab", "ba"]), ("b", ["cd"]), ("c", ["dc"])):
         d = write_split(tmp_path / name, "train", texts)
         for png in d.glob("*.png"):                                       # ids of another corpus: <name>-NNN
@@ -388,6 +390,11 @@ def test_a_dataset_joined_by_linked_splits_reads_both_and_joins_their_licences(t
     for name in ("a", "b"):
         (joined / f"shard-{name}").symlink_to(tmp_path / name / "train")
     assert sorted(LineDataset(tmp_path / "joined", "train", 32, 256, cache=False).texts) == ["ab", "ba", "cd"]
+    fitted = []                                                         # and the beam search's LM reads both
+    monkeypatch.setattr(CharNgramLM, "fit", lambda self, lines, text_file=None: fitted.extend(lines) or 0)
+    build_lm(load_config(ROOT / "config.yaml", [f"data.path={tmp_path / 'joined'}"]), Charset.from_texts(["abcd"]),
+             tmp_path / "lm.json.gz")
+    assert sorted(fitted) == ["ab", "ba", "cd"]
     assert data_licence(tmp_path / "joined") == {
         "licence": "CC-BY-4.0 AND CC-BY-SA-4.0", "found_in": f"{tmp_path / 'a'}: A; {tmp_path / 'b'}: B"}
     (joined / "shard-c").symlink_to(tmp_path / "c" / "train")
