@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import prepare_pages
-from conftest import ROOT, write_split
+from conftest import write_split
 from htr.decoding import CharNgramLM
 from htr.evaluation import build_lm
 from htr.corpus_licence import corpus_licence, data_licence, licence_id
