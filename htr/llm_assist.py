@@ -221,12 +221,24 @@ class FrozenCausalLM(nn.Module):
         return tokenizer, model
 
     def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-                 target_modules: list[str] | None = None) -> None:
-        """Wrap the LLM with trainable LoRA adapters (peft picks the usual targets when target_modules is None)."""
+                 target_modules: str | list[str] | None = None) -> None:
+        """Wrap the LLM with trainable LoRA adapters. target_modules: module names, or one string as peft reads it
+        ("all-linear", or a regex of full module names); None = peft's usual targets for the model type."""
         from peft import LoraConfig, get_peft_model
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                            target_modules=None if target_modules is None else list(target_modules))
-        self.model = get_peft_model(self.model, config)
+        targets = target_modules if target_modules is None or isinstance(target_modules, str) else list(target_modules)
+        modules = [n for n, _ in self.model.named_modules()]
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)] \
+            if isinstance(targets, list) else []                       # peft would skip them without a word
+        try:
+            if unmatched:
+                raise ValueError(f"no module named {', '.join(unmatched)}")
+            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                target_modules=targets)
+            self.model = get_peft_model(self.model, config)
+        except ValueError as e:                                         # peft's when nothing matches
+            raise LLMLoadError(f"llm.lora.target_modules={target_modules!r} names no layer of {self.name!r} "
+                               f"({str(e).splitlines()[0][:200]}): use its module names (e.g. [q_proj,v_proj] for "
+                               f"Llama), all-linear, or leave it empty for peft's default") from None
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "FrozenCausalLM":

@@ -171,6 +171,24 @@ def test_lora_trainable_params(model_dirs, kind, targets):
     make_assist(model_dirs / kind, lora=lora).load_trainable_state_dict(assist.trainable_state_dict())
 
 
+@pytest.mark.parametrize("targets, adapted", [
+    ("all-linear", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    (r".*\.(q|v)_proj", {"q_proj", "v_proj"})])
+def test_lora_targets_may_be_one_string_as_peft_reads_it(model_dirs, targets, adapted):
+    """all-linear or a regex (a YAML string, not a list): every matching layer of the LM gets an adapter."""
+    lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": targets}
+    assist = make_assist(model_dirs / "tiny-llama", lora=lora)
+    layers = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in assist.named_parameters() if ".lora_A." in n}
+    assert layers == adapted
+    make_assist(model_dirs / "tiny-llama", lora=lora).load_trainable_state_dict(assist.trainable_state_dict())
+
+
+@pytest.mark.parametrize("targets", ["qkv_proj", ["q_proj", "no_such_layer"]])
+def test_lora_targets_that_match_no_layer_are_one_clear_error(model_dirs, targets):
+    with pytest.raises(LLMLoadError, match=r"llm.lora.target_modules=.* names no layer of .*all-linear"):
+        make_assist(model_dirs / "tiny-llama", lora={"enabled": True, "target_modules": targets})
+
+
 def test_missing_model_dir_raises_clear_error(tmp_path):
     missing = tmp_path / "no-such-llm"
     with pytest.raises(LLMLoadError, match="no-such-llm") as info:
