@@ -5,7 +5,7 @@ import logging
 
 from htr.inference import adopt_folder_settings
 from htr.model_folder import model_folder, read_model_folder
-from utils import UserError, check_compatible, comparable, load_checkpoint
+from utils import UserError, check_compatible, comparable, load_checkpoint, to_plain
 
 log = logging.getLogger("htr")
 
@@ -43,8 +43,23 @@ def init_weights(model, llm, ckpt: dict, path, cfg, chars: str) -> None:
         try:
             llm.load_trainable_state_dict(ckpt["llm"]["trainable"])
         except ValueError as e:
-            raise UserError(f"train.init_from={path}: {e}") from None
+            raise UserError(f"train.init_from={path}: {e}{llm_differences(ckpt, cfg)}") from None
         log.info("connector from %s (trained for llm.name=%s)", path, ckpt["llm"]["name"])
     shared = set(ckpt["charset"]) & set(chars)
     log.info("initialised from %s: %d of %d characters shared, %d new%s", path, len(shared), len(chars),
              len(chars) - len(shared), "; the audio branch starts fresh" if grows else "")
+
+
+def llm_differences(ckpt: dict, cfg) -> str:
+    """The llm.* settings of the checkpoint's run that differ here, as overrides to copy ('' when none differ)."""
+    saved, here = leaves(ckpt.get("config", {}).get("llm", {}), "llm."), leaves(to_plain(cfg.llm), "llm.")
+    diffs = [f"{k}={v}" for k, v in saved.items() if here.get(k) != v]
+    return f"; its run had {' '.join(diffs)}" if diffs else ""
+
+
+def leaves(node: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested dict's leaves."""
+    out = {}
+    for key, value in node.items():
+        out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out

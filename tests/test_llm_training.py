@@ -132,6 +132,8 @@ def test_stage_tap_and_connector_mistakes_are_one_clear_error_each(tiny_override
     llm_run = make(tiny_overrides + llm_keys(tiny_llama, "train.num_epochs=1", "model.run_name=llm")).fit()
     with pytest.raises(UserError, match="init_from=.*another LM or tap width.*train.llm_tap"):
         make(tiny_overrides + llm_keys(tiny_llama, f"train.init_from={llm_run}", "train.llm_tap=backbone"))
+    with pytest.raises(UserError, match=r"checkpoint mismatch.*its run had llm.connector=qformer$"):  # what to set
+        make(tiny_overrides + llm_keys(tiny_llama, f"train.init_from={llm_run}", "llm.connector=frame_stack"))
 
 
 @pytest.mark.parametrize("tap", ["rnn1", "backbone", "rnn_last"])
