@@ -17,11 +17,12 @@ from rapidfuzz.distance import Levenshtein
 from dataset import die_with_parent
 from htr.evaluation import beam_decode, check_decode_mode, infer, make_loader
 from htr.onnx_runtime import load_recognizer
-from utils import UserError, load_config, resolve_device
+from utils import UserError, atomic_write, load_config, resolve_device
 
 log = logging.getLogger("htr")
 BASE_ARMS = {"llm_off": ["train.use_llm=false"], "llm_on": ["train.use_llm=true"]}
 BOOTSTRAP = 2000
+HEARTBEAT_S = 5                       # seconds between updates of a running run's partial.json (its wall time)
 ROOT = Path(__file__).resolve().parents[1]                         # trainer.py is there
 
 
@@ -50,7 +51,8 @@ def train_all(config: str, runs: list, jobs: int) -> dict:
     seconds = {d: json.loads((d / "done.json").read_text())["train_seconds"] for d, _ in runs
                if (d / "done.json").is_file()}
     queue = [(d, o) for d, o in runs if d not in seconds]
-    running, stopped, sent = {}, [], []                  # {trainer process: (run_dir, start time)}, names, signals
+    running, stopped, sent = {}, [], []           # {trainer: (run_dir, start less its earlier parts)}, names, signals
+    saved = time.perf_counter()                          # when partial.json was last written
 
     def stop(signum, frame=None):
         queue.clear()
@@ -63,11 +65,17 @@ def train_all(config: str, runs: list, jobs: int) -> dict:
         while queue or running:
             while queue and len(running) < jobs:
                 run_dir, overrides = queue.pop(0)
-                running[start(config, overrides, run_dir)] = (run_dir, time.perf_counter())
+                earlier = spent_before(run_dir)                  # the parts of a resumed run count from its start
+                running[start(config, overrides, run_dir)] = (run_dir, time.perf_counter() - earlier)
             time.sleep(0.2)
+            if time.perf_counter() - saved > HEARTBEAT_S:    # if this process is killed, a run's time survives
+                saved = time.perf_counter()
+                for run_dir, t0 in running.values():
+                    record(run_dir, saved - t0, finished=False)
             for child in [c for c in running if c.poll() is not None]:
                 run_dir, t0 = running.pop(child)
-                spent = record(run_dir, time.perf_counter() - t0, finished=child.returncode == 0)
+                spent = time.perf_counter() - t0
+                record(run_dir, spent, finished=child.returncode == 0)
                 if child.returncode == 0:
                     seconds[run_dir] = spent
                     log.info("finished %s (%.1f min)", run_dir.name, spent / 60)
@@ -94,14 +102,18 @@ def exit_reason(status: int) -> str:
     return f"exit status {status}"
 
 
-def record(run_dir: Path, seconds: float, finished: bool) -> float:
-    """Add `seconds` to the run's earlier parts and write them to done.json (finished) or partial.json; returns the
-    total."""
-    partial = run_dir / "partial.json"
-    total = seconds + (json.loads(partial.read_text())["train_seconds"] if partial.is_file() else 0.0)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ("done.json" if finished else "partial.json")).write_text(json.dumps({"train_seconds": total}))
-    return total
+def spent_before(run_dir: Path) -> float:
+    """Training wall seconds of the run's earlier, interrupted parts (partial.json; 0 for a new run)."""
+    path = run_dir / "partial.json"
+    return json.loads(path.read_text())["train_seconds"] if path.is_file() else 0.0
+
+
+def record(run_dir: Path, seconds: float, finished: bool) -> None:
+    """Write the run's training wall seconds so far: done.json when it finished, else partial.json (atomically)."""
+    with atomic_write(run_dir / ("done.json" if finished else "partial.json"), "w") as f:
+        json.dump({"train_seconds": seconds}, f)
+    if finished:
+        (run_dir / "partial.json").unlink(missing_ok=True)
 
 
 def start(config: str, overrides: list, run_dir: Path) -> subprocess.Popen:

@@ -2,6 +2,7 @@
 resumed, runs side by side, table and curves written."""
 import contextlib
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from htr.ablation import bootstrap_ci, exit_reason, parse_arms
+from htr.ablation import HEARTBEAT_S, bootstrap_ci, exit_reason, parse_arms
 from conftest import ROOT, tiny_setup
 from htr.llm_weights import write_tiny
 from htr.runlog import read_rows
@@ -102,6 +103,10 @@ def test_a_killed_ablation_stops_its_trainers_with_a_checkpoint(tmp_path):
     while not steps.is_file() and run.poll() is None and time.monotonic() < end:
         time.sleep(0.1)
     assert trainers_of(out), "the trainer did not start"
+    partial = out / "runs" / "llm_off_s1" / "partial.json"
+    end = time.monotonic() + 30
+    while not partial.is_file() and time.monotonic() < end:
+        time.sleep(0.1)
     run.kill()                                       # SIGKILL: ablate.py cannot pass a signal on
     run.communicate(timeout=60)
     end = time.monotonic() + 120
@@ -114,6 +119,7 @@ def test_a_killed_ablation_stops_its_trainers_with_a_checkpoint(tmp_path):
     assert not left, "the trainer outlived its ablate.py"
     last = torch.load(out / "runs" / "llm_off_s1" / "last.pt", map_location="cpu", weights_only=False)
     assert last["step"] == read_rows(steps, "step")[-1]["step"] > 0          # stopped with its latest step saved
+    assert json.loads(partial.read_text())["train_seconds"] > HEARTBEAT_S    # its wall time so far, for the table
 
 
 def test_exit_reasons_are_words():
