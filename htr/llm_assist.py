@@ -155,6 +155,12 @@ def _bnb_4bit_config(name: str):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def lora_target_error(targets, name: str, reason: str) -> LLMLoadError:
+    """llm.lora.target_modules that adapt no layer of the LM `name`, and how to name them."""
+    return LLMLoadError(f"llm.lora.target_modules={targets!r} names no layer of {name!r} ({reason}): use its module "
+                        f"names (e.g. [q_proj,v_proj] for Llama), all-linear, or leave it empty for peft's default")
+
+
 class FrozenCausalLM(nn.Module):
     """A Hugging Face causal LM + tokenizer with frozen weights, pinned to eval mode (LoRA dropout excepted).
 
@@ -226,19 +232,17 @@ class FrozenCausalLM(nn.Module):
         ("all-linear", or a regex of full module names); None = peft's usual targets for the model type."""
         from peft import LoraConfig, get_peft_model
         targets = target_modules if target_modules is None or isinstance(target_modules, str) else list(target_modules)
-        modules = [n for n, _ in self.model.named_modules()]
-        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)] \
-            if isinstance(targets, list) else []                       # peft would skip them without a word
-        try:
+        if isinstance(targets, list):                                   # peft would skip a missing one without a word
+            modules = [n for n, _ in self.model.named_modules()]
+            unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
             if unmatched:
-                raise ValueError(f"no module named {', '.join(unmatched)}")
+                raise lora_target_error(target_modules, self.name, f"no module named {', '.join(unmatched)}")
+        try:
             config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                                 target_modules=targets)
             self.model = get_peft_model(self.model, config)
         except ValueError as e:                                         # peft's when nothing matches
-            raise LLMLoadError(f"llm.lora.target_modules={target_modules!r} names no layer of {self.name!r} "
-                               f"({str(e).splitlines()[0][:200]}): use its module names (e.g. [q_proj,v_proj] for "
-                               f"Llama), all-linear, or leave it empty for peft's default") from None
+            raise lora_target_error(target_modules, self.name, str(e).splitlines()[0][:200]) from None
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "FrozenCausalLM":
